@@ -1,0 +1,461 @@
+"""otpgate: manage otpgate's 2FA settings and secrets (mirrors TrueNAS `auth two_factor`).
+
+Exit status: 0 success (verify: the code was accepted); 1 verify: the code was
+not accepted; 2 any error (bad usage, daemon unreachable, request refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from otpgate import __version__
+from otpgate.cli import qr
+from otpgate.errors import ClientError, InvalidArgument, OtpgateError
+from otpgate.v1 import otpgate_pb2 as pb
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+DEFAULT_SOCKET = "/run/otpgate/admin.sock"
+EXIT_OK, EXIT_FALSE, EXIT_ERROR = 0, 1, 2
+_UINT32_MAX = 2**32 - 1
+
+_POLICIES = {"optional": pb.ENROLLMENT_POLICY_OPTIONAL, "required": pb.ENROLLMENT_POLICY_REQUIRED}
+_POLICY_NAMES = {number: name for name, number in _POLICIES.items()}
+_RESULTS = {
+    pb.VERIFY_RESULT_VALID: "valid",
+    pb.VERIFY_RESULT_INVALID: "invalid",
+    pb.VERIFY_RESULT_REPLAYED: "replayed",
+    pb.VERIFY_RESULT_NOT_ENROLLED: "not_enrolled",
+    pb.VERIFY_RESULT_LOCKED: "locked",
+}
+
+
+# -- talking to the daemon -------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._channel: grpc.Channel | None = None
+
+    def stub(self) -> pb_grpc.TwoFactorAdminStub:
+        if self._channel is None:
+            _check_socket(self.socket_path)
+            self._channel = grpc.insecure_channel("unix:" + self.socket_path)
+        return pb_grpc.TwoFactorAdminStub(self._channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub(), method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self.socket_path) from None
+
+
+class RpcFailed(OtpgateError):
+    """The daemon refused or failed a request; `kind` names the gRPC status."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _check_socket(path: str) -> None:
+    hint = "is otpgated running? (--socket or OTPGATE_SOCKET name another socket)"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ClientError(f"no otpgated socket at {path}: {hint}") from None
+    except PermissionError:
+        raise ClientError(f"cannot reach {path}: permission denied") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ClientError(f"{path} is not a socket: {hint}")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ClientError(
+            f"permission denied on {path}: admin commands need root or the admin group"
+        )
+
+
+def _rpc_error(exc: grpc.RpcError, socket_path: str) -> OtpgateError:
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else "") or "no details"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ClientError(f"cannot reach otpgated at {socket_path}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ClientError(f"otpgated at {socket_path} did not answer in time")
+    kind = "".join(part.capitalize() for part in code.name.split("_"))
+    return RpcFailed(kind, details)
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def config_dict(config: pb.TwoFactorConfig) -> dict[str, Any]:
+    return {
+        "enabled": config.enabled,
+        "window": config.window,
+        "services": {"ssh": config.services.ssh},
+        "otp_digits": config.otp_digits,
+        "interval": config.interval,
+        "issuer": config.issuer,
+        "effective_issuer": config.effective_issuer,
+        "enrollment_policy": _POLICY_NAMES.get(config.enrollment_policy, "unspecified"),
+        "lockout_threshold": config.lockout_threshold,
+        "lockout_seconds": config.lockout_seconds,
+    }
+
+
+def user_dict(user: pb.UserEntry) -> dict[str, Any]:
+    twofactor = user.twofactor_config
+    return {
+        "id": user.id,
+        "uid": user.uid,
+        "username": user.username,
+        "full_name": user.full_name,
+        "home": user.home,
+        "shell": user.shell,
+        "gid": user.gid,
+        "groups": list(user.groups),
+        "local": user.local,
+        "twofactor_auth_configured": user.twofactor_auth_configured,
+        "twofactor_config": {
+            "provisioning_uri": (
+                twofactor.provisioning_uri if twofactor.HasField("provisioning_uri") else None
+            ),
+            "secret_configured": twofactor.secret_configured,
+            "interval": twofactor.interval,
+            "otp_digits": twofactor.otp_digits,
+        },
+        "failed_attempts": user.failed_attempts,
+        "locked_seconds": user.locked_seconds,
+    }
+
+
+def _print_pairs(pairs: Sequence[tuple[str, Any]]) -> None:
+    width = max(len(key) for key, _ in pairs)
+    for key, value in pairs:
+        if isinstance(value, bool):
+            value = str(value).lower()
+        print(f"{key:<{width}}  {value}")
+
+
+def _print_user(user: pb.UserEntry) -> None:
+    data = user_dict(user)
+    twofactor = data.pop("twofactor_config")
+    data["groups"] = ",".join(str(g) for g in data["groups"])
+    data["twofactor_interval"] = twofactor["interval"]
+    data["twofactor_otp_digits"] = twofactor["otp_digits"]
+    _print_pairs(list(data.items()))
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _current_user() -> str:
+    # The real uid, not $USER: the environment is the caller's to forge.
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def cmd_config(client: Client, args: argparse.Namespace) -> int:
+    config = client.call("GetConfig", pb.GetConfigRequest())
+    data = config_dict(config)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        ssh = data.pop("services")["ssh"]
+        effective = data.pop("effective_issuer")
+        data["issuer"] = data["issuer"] or f"{effective} (daemon default)"
+        pairs = list(data.items())
+        pairs.insert(2, ("services.ssh", ssh))
+        _print_pairs(pairs)
+    return EXIT_OK
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise InvalidArgument(key, f"must be true or false (got {text!r})")
+
+
+def _parse_uint(key: str, text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > _UINT32_MAX:
+        raise InvalidArgument(key, f"must be a non-negative integer (got {text!r})")
+    return int(text)
+
+
+def _parse_policy(key: str, text: str) -> int:
+    if text.lower() not in _POLICIES:
+        raise InvalidArgument(key, f"must be one of {', '.join(_POLICIES)} (got {text!r})")
+    return _POLICIES[text.lower()]
+
+
+def _parse_str(key: str, text: str) -> str:
+    return text
+
+
+# CLI key -> (UpdateConfigRequest field, parser).
+UPDATE_KEYS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "enabled": ("enabled", _parse_bool),
+    "window": ("window", _parse_uint),
+    "services.ssh": ("services_ssh", _parse_bool),
+    "otp_digits": ("otp_digits", _parse_uint),
+    "interval": ("interval", _parse_uint),
+    "issuer": ("issuer", _parse_str),
+    "enrollment_policy": ("enrollment_policy", _parse_policy),
+    "lockout_threshold": ("lockout_threshold", _parse_uint),
+    "lockout_seconds": ("lockout_seconds", _parse_uint),
+}
+
+
+def update_request(assignments: Sequence[str]) -> pb.UpdateConfigRequest:
+    request = pb.UpdateConfigRequest()
+    seen: set[str] = set()
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidArgument(item, "expected KEY=VALUE")
+        if key not in UPDATE_KEYS:
+            raise InvalidArgument(key, f"unknown setting; known: {', '.join(UPDATE_KEYS)}")
+        if key in seen:
+            raise InvalidArgument(key, "given twice")
+        seen.add(key)
+        field, parse = UPDATE_KEYS[key]
+        setattr(request, field, parse(key, value))
+    return request
+
+
+def cmd_update(client: Client, args: argparse.Namespace) -> int:
+    config = client.call("UpdateConfig", update_request(args.assignments))
+    if args.json:
+        print(json.dumps(config_dict(config), indent=2))
+    else:
+        print("updated")
+    return EXIT_OK
+
+
+def _positive(name: str, value: int | None) -> int:
+    if value is None:
+        return 0  # the daemon's default
+    if value <= 0:
+        raise InvalidArgument(name, f"must be a positive integer (got {value})")
+    return value
+
+
+def _show_uri(uri: str, args: argparse.Namespace) -> None:
+    spec = args.qr or ("utf8" if sys.stdout.isatty() and not args.json else "none")
+    if args.json:
+        written = qr.emit(uri, spec, sys.stderr) if spec.startswith(("png:", "svg:")) else None
+        return
+    print(uri)
+    written = qr.emit(uri, spec, sys.stdout)
+    if written:
+        print(f"QR code written to {written} (mode 0600: it holds the secret)", file=sys.stderr)
+
+
+def cmd_renew_secret(client: Client, args: argparse.Namespace) -> int:
+    qr.check_format(args.qr or "none")
+    request = pb.RenewSecretRequest(
+        username=args.user or _current_user(),
+        twofactor_options=pb.TwoFactorOptions(
+            otp_digits=_positive("--otp-digits", args.otp_digits),
+            interval=_positive("--interval", args.interval),
+        ),
+    )
+    user = client.call("RenewSecret", request)
+    uri = user.twofactor_config.provisioning_uri
+    if args.json:
+        print(json.dumps(user_dict(user), indent=2))
+    _show_uri(uri, args)
+    return EXIT_OK
+
+
+def cmd_provisioning_uri(client: Client, args: argparse.Namespace) -> int:
+    qr.check_format(args.qr or "none")
+    response = client.call(
+        "GetProvisioningUri", pb.GetProvisioningUriRequest(username=args.user or _current_user())
+    )
+    if args.json:
+        print(json.dumps({"provisioning_uri": response.provisioning_uri}, indent=2))
+    _show_uri(response.provisioning_uri, args)
+    return EXIT_OK
+
+
+def cmd_verify(client: Client, args: argparse.Namespace) -> int:
+    if len(args.words) == 1:
+        user, token = _current_user(), args.words[0]
+    elif len(args.words) == 2:
+        user, token = args.words
+    else:
+        raise InvalidArgument("verify", "expected [USER] TOKEN")
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    response = client.call("VerifyToken", pb.VerifyTokenRequest(username=user, token=token))
+    result = _RESULTS.get(response.result, "unspecified")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "valid": response.valid,
+                    "result": result,
+                    "locked_seconds": response.locked_seconds,
+                }
+            )
+        )
+    else:
+        print("true" if response.valid else "false")
+        if result == "locked":
+            print(f"account locked for {response.locked_seconds} s", file=sys.stderr)
+        elif result in ("replayed", "not_enrolled"):
+            print(f"reason: {result.replace('_', ' ')}", file=sys.stderr)
+    return EXIT_OK if response.valid else EXIT_FALSE
+
+
+def cmd_unset_secret(client: Client, args: argparse.Namespace) -> int:
+    user = client.call("UnsetSecret", pb.UnsetSecretRequest(username=args.user))
+    if args.json:
+        print(json.dumps(user_dict(user), indent=2))
+    else:
+        print(f"2FA secret of {user.username} removed")
+    return EXIT_OK
+
+
+def cmd_user_show(client: Client, args: argparse.Namespace) -> int:
+    user = client.call("GetUser", pb.GetUserRequest(username=args.user))
+    if args.json:
+        print(json.dumps(user_dict(user), indent=2))
+    else:
+        _print_user(user)
+    return EXIT_OK
+
+
+def cmd_user_list(client: Client, args: argparse.Namespace) -> int:
+    users = client.call("ListUsers", pb.ListUsersRequest()).users
+    if args.json:
+        print(json.dumps([user_dict(u) for u in users], indent=2))
+        return EXIT_OK
+    rows = [("USERNAME", "UID", "DIGITS", "INTERVAL", "FAILED", "LOCKED_S")]
+    rows += [
+        (
+            u.username,
+            str(u.uid),
+            str(u.twofactor_config.otp_digits),
+            str(u.twofactor_config.interval),
+            str(u.failed_attempts),
+            str(u.locked_seconds),
+        )
+        for u in users
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+# -- argument parsing ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the options work before or after the command without resetting each other.
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        help=f"daemon socket (default $OTPGATE_SOCKET or {DEFAULT_SOCKET})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="seconds to wait for the daemon (default 10)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="otpgate",
+        parents=[common],
+        description="Manage otpgate: two-factor (TOTP) settings and secrets for SSH logins.",
+        epilog="Exit status: 0 success; 1 verify: code not accepted; 2 error.",
+    )
+    parser.add_argument("--version", action="version", version=f"otpgate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, handler: Callable[[Client, argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("config", cmd_config, "show the global 2FA settings")
+    update = command("update", cmd_update, "change global 2FA settings")
+    update.add_argument(
+        "assignments",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="settings to change: " + ", ".join(UPDATE_KEYS),
+    )
+    qr_help = f"QR code of the URI: {qr.FORMATS} (default utf8 on a terminal, else none)"
+    renew = command(
+        "renew-secret",
+        cmd_renew_secret,
+        "create a new 2FA secret for USER (default: you); the old one stops working",
+    )
+    renew.add_argument("user", nargs="?", metavar="USER")
+    renew.add_argument("--otp-digits", type=int, metavar="N", help="digits per code, 6..8")
+    renew.add_argument("--interval", type=int, metavar="S", help="seconds per code, 5..300")
+    renew.add_argument("--qr", metavar="FORMAT", help=qr_help)
+    uri = command("provisioning-uri", cmd_provisioning_uri, "show USER's provisioning URI")
+    uri.add_argument("user", nargs="?", metavar="USER")
+    uri.add_argument("--qr", metavar="FORMAT", help=qr_help)
+    verify = command(
+        "verify", cmd_verify, "check a code for USER (default: you); prints true or false"
+    )
+    verify.add_argument(
+        "words", nargs="+", metavar="[USER] TOKEN", help="TOKEN '-' reads the code from stdin"
+    )
+    unset = command("unset-secret", cmd_unset_secret, "remove USER's 2FA secret")
+    unset.add_argument("user", metavar="USER")
+    user = commands.add_parser("user", help="show enrolled accounts")
+    user_commands = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True)
+    show = user_commands.add_parser("show", parents=[common], help="one account's 2FA state")
+    show.set_defaults(handler=cmd_user_show)
+    show.add_argument("user", metavar="USER")
+    listing = user_commands.add_parser("list", parents=[common], help="every enrolled account")
+    listing.set_defaults(handler=cmd_user_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    socket_path = (
+        getattr(args, "socket", None) or os.environ.get("OTPGATE_SOCKET") or DEFAULT_SOCKET
+    )
+    client = Client(socket_path, getattr(args, "timeout", 10.0))
+    try:
+        code: int = args.handler(client, args)
+        return code
+    except RpcFailed as exc:
+        print(f"{exc.kind}: {exc}", file=sys.stderr)
+    except OtpgateError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

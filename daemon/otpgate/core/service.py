@@ -1,0 +1,248 @@
+"""The two-factor service: settings, secrets and verification, independent of gRPC.
+
+Servicers translate messages to these calls and errors to status codes; all
+policy lives here, with the clock and account lookup injected for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from otpgate.core import totp
+from otpgate.core.accounts import Account, AccountLookup, check_username, lookup_account
+from otpgate.core.crypto import Keyring, account_binding
+from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS, Settings, check_int
+from otpgate.errors import KeyMismatch, NotFound
+from otpgate.store.base import SecretRecord, Store
+
+log = logging.getLogger("otpgated")
+
+Clock = Callable[[], float]
+_KEY_CHECK_PLAINTEXT = b"otpgate key check v1"
+_KEY_CHECK_BINDING = b"otpgate/v1 key check"
+
+
+class VerifyResult(enum.Enum):
+    VALID = "valid"
+    INVALID = "invalid"
+    REPLAYED = "replayed"
+    NOT_ENROLLED = "not_enrolled"
+    LOCKED = "locked"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    result: VerifyResult
+    locked_seconds: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.result is VerifyResult.VALID
+
+
+@dataclasses.dataclass(frozen=True)
+class UserView:
+    account: Account
+    record: SecretRecord | None  # None: not enrolled (or the secret was another uid's)
+    locked_seconds: int = 0
+    provisioning_uri: str | None = None
+
+
+class TwoFactorService:
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        *,
+        default_issuer: str,
+        hostname: str | None = None,
+        accounts: AccountLookup = lookup_account,
+        clock: Clock = time.time,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._default_issuer = default_issuer
+        self._hostname = hostname or socket.gethostname()
+        self._accounts = accounts
+        self._clock = clock
+        self.check_key()
+
+    def check_key(self) -> None:
+        """Refuse (KeyMismatch) unless the keyring opens everything in the store.
+
+        A new store is sealed with the primary key so that a later start with a
+        different key fails here instead of locking every user out at login.
+        """
+        check = self._store.key_check()
+        if check is None:
+            if self._store.key_ids_in_use():
+                raise KeyMismatch("the database holds secrets but no key check")
+            sealed = self._keyring.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_BINDING)
+            self._store.set_key_check(sealed)
+            return
+        try:
+            self._keyring.open(check, _KEY_CHECK_BINDING)
+        except KeyMismatch:
+            raise KeyMismatch(
+                f"the database was sealed with key id {check.key_id} but the loaded key has id "
+                f"{self._keyring.primary_id}: refusing to start (wrong key file?)"
+            ) from None
+        missing = self._store.key_ids_in_use() - self._keyring.key_ids
+        if missing:
+            raise KeyMismatch(f"secrets sealed with unknown key ids: {', '.join(sorted(missing))}")
+
+    # -- settings -------------------------------------------------------------------
+
+    @property
+    def default_issuer(self) -> str:
+        return self._default_issuer
+
+    def get_config(self) -> Settings:
+        return self._store.load_settings()
+
+    def update_config(self, changes: Mapping[str, Any]) -> Settings:
+        current = self._store.load_settings()
+        updated = current.with_changes(changes)
+        if updated != current:
+            changed = sorted(k for k in changes if getattr(current, k) != getattr(updated, k))
+            self._store.save_settings(updated, audit="changed " + ",".join(changed))
+            log.info("settings_updated fields=%s", ",".join(changed))
+        return updated
+
+    def effective_issuer(self, settings: Settings) -> str:
+        return settings.issuer or self._default_issuer
+
+    # -- accounts and secrets -------------------------------------------------------
+
+    def _account(self, username: str) -> Account:
+        account = self._accounts(check_username(username))
+        if account is None:
+            raise NotFound(f"no such account: {username}")
+        return account
+
+    def _record_for(self, account: Account) -> SecretRecord | None:
+        record = self._store.get_secret(account.username)
+        # A secret belongs to the account that enrolled: a recreated account of the same
+        # name (another uid) is not enrolled.
+        if record is None or record.uid != account.uid:
+            return None
+        return record
+
+    def _uri(self, account: Account, record: SecretRecord, settings: Settings) -> str:
+        secret = self._open(record).decode()
+        return totp.provisioning_uri(
+            secret,
+            account=f"{account.username}@{self._hostname}",
+            issuer=self.effective_issuer(settings),
+            digits=record.otp_digits,
+            interval=record.interval,
+        )
+
+    def _open(self, record: SecretRecord) -> bytes:
+        return self._keyring.open(record.sealed, account_binding(record.username, record.uid))
+
+    def renew_secret(
+        self, username: str, *, otp_digits: int | None = None, interval: int | None = None
+    ) -> UserView:
+        settings = self._store.load_settings()
+        digits = check_int("otp_digits", otp_digits or settings.otp_digits, DIGITS_BOUNDS)
+        seconds = check_int("interval", interval or settings.interval, INTERVAL_BOUNDS)
+        account = self._account(username)
+        secret = totp.new_secret()
+        record = SecretRecord(
+            username=account.username,
+            uid=account.uid,
+            sealed=self._keyring.seal(
+                secret.encode(), account_binding(account.username, account.uid)
+            ),
+            otp_digits=digits,
+            interval=seconds,
+            created_at=int(self._clock()),
+        )
+        self._store.put_secret(record)
+        log.info("secret_renewed user=%s digits=%d interval=%d", account.username, digits, seconds)
+        return UserView(account, record, provisioning_uri=self._uri(account, record, settings))
+
+    def provisioning_uri(self, username: str) -> str:
+        account = self._account(username)
+        record = self._record_for(account)
+        if record is None:
+            raise NotFound(f"account {account.username} has no 2FA secret")
+        return self._uri(account, record, self._store.load_settings())
+
+    def unset_secret(self, username: str) -> UserView:
+        account = self._account(username)
+        if self._store.delete_secret(account.username):
+            log.info("secret_unset user=%s", account.username)
+        return UserView(account, None)
+
+    def get_user(self, username: str) -> UserView:
+        account = self._account(username)
+        return self._view(account, self._record_for(account))
+
+    def list_users(self) -> list[UserView]:
+        views = []
+        for record in self._store.list_secrets():
+            account = self._accounts(record.username)
+            if account is not None and account.uid == record.uid:
+                views.append(self._view(account, record))
+        return views
+
+    def _view(self, account: Account, record: SecretRecord | None) -> UserView:
+        locked = 0
+        if record is not None:
+            locked = max(0, record.locked_until - int(self._clock()))
+        return UserView(account, record, locked_seconds=locked)
+
+    # -- verification ---------------------------------------------------------------
+
+    def verify(self, username: str, token: str, *, via: str) -> Verification:
+        """Check a code for an existing account; spend it when right.
+
+        Raises NotFound for an unknown account: callers that must not reveal which
+        accounts exist (the PAM and login paths) map that to their own answer.
+        """
+        totp.check_token_format(token)
+        account = self._account(username)
+        outcome = self._verify(account, token)
+        log.info("verify user=%s via=%s result=%s", account.username, via, outcome.result.value)
+        return outcome
+
+    def _verify(self, account: Account, token: str) -> Verification:
+        record = self._record_for(account)
+        if record is None:
+            return Verification(VerifyResult.NOT_ENROLLED)
+        settings = self._store.load_settings()
+        now = self._clock()
+        if not self._store.reserve_attempt(
+            account.username,
+            account.uid,
+            now=int(now),
+            threshold=settings.lockout_threshold,
+            lockout_seconds=settings.lockout_seconds,
+        ):
+            return self._locked(account)
+        step = totp.matching_step(
+            self._open(record).decode(),
+            token,
+            now=now,
+            interval=record.interval,
+            digits=record.otp_digits,
+            window=settings.window,
+        )
+        if step is None:
+            return Verification(VerifyResult.INVALID)
+        if not self._store.accept_step(account.username, account.uid, step):
+            return Verification(VerifyResult.REPLAYED)
+        return Verification(VerifyResult.VALID)
+
+    def _locked(self, account: Account) -> Verification:
+        record = self._store.get_secret(account.username)
+        remaining = 0 if record is None else max(1, record.locked_until - int(self._clock()))
+        return Verification(VerifyResult.LOCKED, locked_seconds=remaining)

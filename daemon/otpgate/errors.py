@@ -1,0 +1,49 @@
+"""Every error otpgate raises on purpose.
+
+    OtpgateError                 base: the CLI prints ``Type: message`` for it
+    ├── InvalidArgument          bad input; names the field and its bounds
+    ├── NotFound                 no such account (or no secret where one is needed)
+    ├── FailedPrecondition       the request is valid but the state forbids it
+    ├── ConfigError              daemon configuration or key material is unusable
+    │   └── KeyMismatch          the key does not open this database
+    ├── StoreError               the database is damaged or from a newer version
+    └── ClientError              the CLI could not talk to the daemon
+
+Messages never contain a secret, a code or a password.
+"""
+
+from __future__ import annotations
+
+
+class OtpgateError(Exception):
+    """Base of every otpgate error."""
+
+
+class InvalidArgument(OtpgateError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(OtpgateError):
+    pass
+
+
+class FailedPrecondition(OtpgateError):
+    pass
+
+
+class ConfigError(OtpgateError):
+    pass
+
+
+class KeyMismatch(ConfigError):
+    pass
+
+
+class StoreError(OtpgateError):
+    pass
+
+
+class ClientError(OtpgateError):
+    pass

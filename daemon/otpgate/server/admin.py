@@ -1,0 +1,80 @@
+"""TwoFactorAdmin on admin.sock: every caller here is FULL_ADMIN."""
+
+from __future__ import annotations
+
+import grpc
+
+from otpgate.core.service import TwoFactorService
+from otpgate.server.messages import RESULT_TO_PB, changes_from_pb, config_to_pb, user_to_pb
+from otpgate.server.rpc import rpc
+from otpgate.v1 import otpgate_pb2 as pb
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+
+class AdminServicer(pb_grpc.TwoFactorAdminServicer):
+    def __init__(self, service: TwoFactorService) -> None:
+        self._service = service
+
+    def _config(self) -> pb.TwoFactorConfig:
+        settings = self._service.get_config()
+        return config_to_pb(settings, self._service.effective_issuer(settings))
+
+    @rpc
+    def GetConfig(
+        self, request: pb.GetConfigRequest, context: grpc.ServicerContext
+    ) -> pb.TwoFactorConfig:
+        return self._config()
+
+    @rpc
+    def UpdateConfig(
+        self, request: pb.UpdateConfigRequest, context: grpc.ServicerContext
+    ) -> pb.TwoFactorConfig:
+        settings = self._service.update_config(changes_from_pb(request))
+        return config_to_pb(settings, self._service.effective_issuer(settings))
+
+    @rpc
+    def RenewSecret(
+        self, request: pb.RenewSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        options = request.twofactor_options
+        view = self._service.renew_secret(
+            request.username,
+            otp_digits=options.otp_digits or None,
+            interval=options.interval or None,
+        )
+        return user_to_pb(view)
+
+    @rpc
+    def GetProvisioningUri(
+        self, request: pb.GetProvisioningUriRequest, context: grpc.ServicerContext
+    ) -> pb.GetProvisioningUriResponse:
+        return pb.GetProvisioningUriResponse(
+            provisioning_uri=self._service.provisioning_uri(request.username)
+        )
+
+    @rpc
+    def VerifyToken(
+        self, request: pb.VerifyTokenRequest, context: grpc.ServicerContext
+    ) -> pb.VerifyTokenResponse:
+        outcome = self._service.verify(request.username, request.token, via="admin")
+        return pb.VerifyTokenResponse(
+            valid=outcome.valid,
+            result=RESULT_TO_PB[outcome.result],
+            locked_seconds=outcome.locked_seconds,
+        )
+
+    @rpc
+    def UnsetSecret(
+        self, request: pb.UnsetSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        return user_to_pb(self._service.unset_secret(request.username))
+
+    @rpc
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserEntry:
+        return user_to_pb(self._service.get_user(request.username))
+
+    @rpc
+    def ListUsers(
+        self, request: pb.ListUsersRequest, context: grpc.ServicerContext
+    ) -> pb.ListUsersResponse:
+        return pb.ListUsersResponse(users=[user_to_pb(v) for v in self._service.list_users()])

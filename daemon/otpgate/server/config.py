@@ -1,0 +1,133 @@
+"""otpgated's configuration: a TOML file, then command-line flags over it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from typing import Any
+
+from otpgate.core.settings import check_issuer
+from otpgate.errors import ConfigError, InvalidArgument
+
+DEFAULT_CONFIG_FILE = "/etc/otpgate/otpgated.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    # SQLite database and other state.
+    state_dir: str = "/var/lib/otpgate"
+    # admin.sock, user.sock and pam.sock.
+    runtime_dir: str = "/run/otpgate"
+    # Encryption key: a systemd credential of this name wins when present...
+    key_credential: str = "otpgate.key"
+    # ...otherwise this file (created on first start when create_key is true).
+    key_file: str = "/etc/otpgate/otpgate.key"
+    create_key: bool = True
+    # Default issuer shown in authenticator apps; empty: the host name.
+    issuer: str = ""
+    # Members of this group may use admin.sock.
+    admin_group: str = "otpgate-admin"
+    # PAM service used to check passwords (single-prompt SSH mode, LoginEx).
+    password_pam_service: str = "otpgate"
+    log_level: str = "info"
+    # Threads serving each socket.
+    workers: int = 16
+    # Seconds SIGTERM waits for in-flight calls.
+    shutdown_grace: float = 10.0
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.state_dir, "otpgate.sqlite3")
+
+    def socket(self, name: str) -> str:
+        return os.path.join(self.runtime_dir, f"{name}.sock")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="otpgated",
+        description="The otpgate daemon: holds encrypted TOTP secrets and the 2FA settings, "
+        "and serves the admin, user and PAM APIs on Unix sockets.",
+    )
+    p.add_argument(
+        "--config", help=f"TOML configuration file (default {DEFAULT_CONFIG_FILE} if it exists)"
+    )
+    p.add_argument("--state-dir", help="directory of the database")
+    p.add_argument("--runtime-dir", help="directory of the sockets")
+    p.add_argument(
+        "--key-file", help="encryption key file (0600, owned by root or the daemon user)"
+    )
+    p.add_argument("--key-credential", help="name of the systemd credential holding the key")
+    p.add_argument(
+        "--no-create-key",
+        dest="create_key",
+        action="store_false",
+        default=None,
+        help="never create a key; fail when none exists",
+    )
+    p.add_argument("--issuer", help="default issuer shown in authenticator apps")
+    p.add_argument("--admin-group", help="group allowed to use admin.sock")
+    p.add_argument("--log-level", choices=LOG_LEVELS)
+    p.add_argument("--workers", type=int)
+    return p
+
+
+def load(argv: list[str] | None = None) -> DaemonConfig:
+    args = parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        values.update(_read_toml(path))
+    for name in _FIELDS:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    return _build(values, source=path or "command line")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for key in data:
+        if key not in _FIELDS:
+            raise ConfigError(f"{path}: unknown option {key!r}; known: {', '.join(_FIELDS)}")
+    return data
+
+
+def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
+    config = DaemonConfig()
+    for name, value in values.items():
+        expected = type(getattr(config, name))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: {name} must be a {expected.__name__}")
+        setattr(config, name, value)
+    for name in ("state_dir", "runtime_dir", "key_file"):
+        if not os.path.isabs(getattr(config, name)):
+            raise ConfigError(f"{source}: {name} must be an absolute path")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
+    if not 1 <= config.workers <= 256:
+        raise ConfigError(f"{source}: workers must be from 1 to 256")
+    if "/" in config.key_credential or not config.key_credential:
+        raise ConfigError(f"{source}: key_credential must be a plain name")
+    if config.issuer:
+        try:
+            check_issuer("issuer", config.issuer, allow_empty=False)
+        except InvalidArgument as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return config

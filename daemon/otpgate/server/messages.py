@@ -1,0 +1,91 @@
+"""Conversions between core objects and otpgate.v1 messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from otpgate.core.service import UserView, VerifyResult
+from otpgate.core.settings import EnrollmentPolicy, Settings
+from otpgate.errors import InvalidArgument
+from otpgate.v1 import otpgate_pb2 as pb
+
+POLICY_TO_PB = {
+    EnrollmentPolicy.OPTIONAL: pb.ENROLLMENT_POLICY_OPTIONAL,
+    EnrollmentPolicy.REQUIRED: pb.ENROLLMENT_POLICY_REQUIRED,
+}
+POLICY_FROM_PB = {number: policy for policy, number in POLICY_TO_PB.items()}
+
+RESULT_TO_PB = {
+    VerifyResult.VALID: pb.VERIFY_RESULT_VALID,
+    VerifyResult.INVALID: pb.VERIFY_RESULT_INVALID,
+    VerifyResult.REPLAYED: pb.VERIFY_RESULT_REPLAYED,
+    VerifyResult.NOT_ENROLLED: pb.VERIFY_RESULT_NOT_ENROLLED,
+    VerifyResult.LOCKED: pb.VERIFY_RESULT_LOCKED,
+}
+
+# UpdateConfigRequest field -> Settings attribute.
+_UPDATE_FIELDS = {
+    "enabled": "enabled",
+    "window": "window",
+    "services_ssh": "services_ssh",
+    "otp_digits": "otp_digits",
+    "interval": "interval",
+    "issuer": "issuer",
+    "lockout_threshold": "lockout_threshold",
+    "lockout_seconds": "lockout_seconds",
+}
+
+
+def config_to_pb(settings: Settings, effective_issuer: str) -> pb.TwoFactorConfig:
+    return pb.TwoFactorConfig(
+        enabled=settings.enabled,
+        window=settings.window,
+        services=pb.Services(ssh=settings.services_ssh),
+        otp_digits=settings.otp_digits,
+        interval=settings.interval,
+        issuer=settings.issuer,
+        effective_issuer=effective_issuer,
+        enrollment_policy=POLICY_TO_PB[settings.enrollment_policy],
+        lockout_threshold=settings.lockout_threshold,
+        lockout_seconds=settings.lockout_seconds,
+    )
+
+
+def changes_from_pb(request: pb.UpdateConfigRequest) -> dict[str, Any]:
+    changes: dict[str, Any] = {
+        attr: getattr(request, field)
+        for field, attr in _UPDATE_FIELDS.items()
+        if request.HasField(field)  # type: ignore[arg-type]
+    }
+    if request.HasField("enrollment_policy"):
+        policy = POLICY_FROM_PB.get(request.enrollment_policy)
+        if policy is None:
+            raise InvalidArgument("enrollment_policy", "must be OPTIONAL or REQUIRED")
+        changes["enrollment_policy"] = policy
+    return changes
+
+
+def user_to_pb(view: UserView) -> pb.UserEntry:
+    account, record = view.account, view.record
+    twofactor = pb.TwoFactorUserConfig(
+        secret_configured=record is not None,
+        interval=record.interval if record else 0,
+        otp_digits=record.otp_digits if record else 0,
+    )
+    if view.provisioning_uri is not None:
+        twofactor.provisioning_uri = view.provisioning_uri
+    return pb.UserEntry(
+        id=account.api_id,
+        uid=account.uid,
+        username=account.username,
+        full_name=account.full_name,
+        home=account.home,
+        shell=account.shell,
+        gid=account.gid,
+        groups=account.groups,
+        local=account.local,
+        twofactor_auth_configured=record is not None,
+        twofactor_config=twofactor,
+        failed_attempts=record.failures if record else 0,
+        locked_seconds=view.locked_seconds,
+    )

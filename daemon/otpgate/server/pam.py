@@ -1,0 +1,65 @@
+"""PamGate on pam.sock (root only): the hook's questions, answered in the reply.
+
+A non-OK status always means "the daemon failed"; every decision, including
+"bad input", travels as a Verdict so the hook's fail mode only acts on failures.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from otpgate.core.gate import Decision, Gate, Verdict
+from otpgate.core.passwords import PasswordChecker
+from otpgate.core.service import TwoFactorService
+from otpgate.server.rpc import rpc
+from otpgate.v1 import otpgate_pb2 as pb
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+_VERDICT_TO_PB = {
+    Verdict.ALLOW: pb.VERDICT_ALLOW,
+    Verdict.DENY: pb.VERDICT_DENY,
+    Verdict.NOT_REQUIRED: pb.VERDICT_NOT_REQUIRED,
+    Verdict.OTP_REQUIRED: pb.VERDICT_OTP_REQUIRED,
+    Verdict.LOCKED: pb.VERDICT_LOCKED,
+    Verdict.NOT_ENROLLED: pb.VERDICT_NOT_ENROLLED,
+}
+_MAX_SERVICE = 64
+
+
+def _decision(decision: Decision) -> pb.PamDecision:
+    return pb.PamDecision(
+        verdict=_VERDICT_TO_PB[decision.verdict],
+        message=decision.message,
+        retry_after_seconds=decision.retry_after_seconds,
+    )
+
+
+def _bad_service(name: str) -> bool:
+    return not (0 < len(name) <= _MAX_SERVICE and name.isascii() and name.isprintable())
+
+
+class PamServicer(pb_grpc.PamGateServicer):
+    def __init__(self, service: TwoFactorService, passwords: PasswordChecker) -> None:
+        self._gate = Gate(service, passwords)
+
+    @rpc
+    def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
+        if _bad_service(request.service):
+            return _decision(Decision(Verdict.DENY))
+        return _decision(self._gate.check(request.username, request.service))
+
+    @rpc
+    def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
+        if _bad_service(request.service):
+            return _decision(Decision(Verdict.DENY))
+        return _decision(self._gate.verify(request.username, request.service, request.authtok))
+
+    @rpc
+    def VerifySinglePrompt(
+        self, request: pb.PamRequest, context: grpc.ServicerContext
+    ) -> pb.PamDecision:
+        if _bad_service(request.service):
+            return _decision(Decision(Verdict.DENY))
+        return _decision(
+            self._gate.verify_single_prompt(request.username, request.service, request.authtok)
+        )

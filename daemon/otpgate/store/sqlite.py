@@ -1,0 +1,294 @@
+"""The embedded store: one SQLite file in WAL mode, one transaction per change.
+
+Every change that must be atomic is a single SQL statement or an explicit
+transaction, so a crash or kill at any moment leaves either the old or the new
+state; synchronous=FULL makes a committed change survive power loss too.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from otpgate.core.crypto import Sealed
+from otpgate.core.settings import Settings
+from otpgate.errors import InvalidArgument, StoreError
+from otpgate.store.base import SecretRecord
+
+SCHEMA_VERSION = 1
+MAX_LOCKOUT_SECONDS = 86400
+
+# Version 1. Room left for what comes next: `status` for unconfirmed (pending)
+# secrets, a recovery_codes table, audit events, key ids for rotation.
+_SCHEMA_V1 = """
+CREATE TABLE meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+CREATE TABLE settings (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value TEXT NOT NULL
+) STRICT;
+CREATE TABLE secrets (
+    username     TEXT PRIMARY KEY,
+    uid          INTEGER NOT NULL,
+    status       TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'pending')),
+    key_id       TEXT NOT NULL,
+    nonce        BLOB NOT NULL,
+    ciphertext   BLOB NOT NULL,
+    otp_digits   INTEGER NOT NULL CHECK (otp_digits BETWEEN 6 AND 8),
+    interval     INTEGER NOT NULL CHECK (interval BETWEEN 5 AND 300),
+    created_at   INTEGER NOT NULL,
+    last_step    INTEGER NOT NULL DEFAULT -1,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    lockouts     INTEGER NOT NULL DEFAULT 0,
+    locked_until INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE recovery_codes (
+    username TEXT NOT NULL REFERENCES secrets(username) ON DELETE CASCADE,
+    code_hash BLOB NOT NULL,
+    used_at  INTEGER,
+    PRIMARY KEY (username, code_hash)
+) STRICT;
+CREATE TABLE audit_events (
+    id       INTEGER PRIMARY KEY,
+    at       INTEGER NOT NULL,
+    event    TEXT NOT NULL,
+    username TEXT NOT NULL,
+    detail   TEXT NOT NULL
+) STRICT;
+"""
+
+_SECRET_COLUMNS = (
+    "username, uid, key_id, nonce, ciphertext, otp_digits, interval, created_at, "
+    "last_step, failures, lockouts, locked_until"
+)
+
+
+class SQLiteStore:
+    """Thread-safe: one connection, one lock (lookups take microseconds)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA secure_delete=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        self._lock = threading.Lock()
+        self._migrate()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            has_meta = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+            if not has_meta:
+                for statement in _SCHEMA_V1.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                db.execute(
+                    "INSERT INTO settings VALUES (1, ?)", (json.dumps(Settings().to_dict()),)
+                )
+                return
+            row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {version}; this otpgated "
+                    f"knows version {SCHEMA_VERSION}"
+                )
+
+    # -- settings -------------------------------------------------------------------
+
+    def load_settings(self) -> Settings:
+        rows = self._query("SELECT value FROM settings WHERE id = 1")
+        if not rows:
+            raise StoreError("database has no settings row")
+        try:
+            return Settings.from_dict(json.loads(rows[0][0]))
+        except (ValueError, InvalidArgument) as exc:
+            raise StoreError(f"stored settings are invalid: {exc}") from None
+
+    def save_settings(self, settings: Settings, *, audit: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE settings SET value = ? WHERE id = 1", (json.dumps(settings.to_dict()),)
+            )
+            self._audit(db, "settings_updated", "", audit)
+
+    # -- key check: proves at start that the loaded key is the database's -------------
+
+    def key_check(self) -> Sealed | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'key_check'")
+        if not rows:
+            return None
+        data = json.loads(rows[0][0])
+        return Sealed(data["key_id"], bytes.fromhex(data["nonce"]), bytes.fromhex(data["ct"]))
+
+    def set_key_check(self, sealed: Sealed) -> None:
+        value = json.dumps(
+            {"key_id": sealed.key_id, "nonce": sealed.nonce.hex(), "ct": sealed.ciphertext.hex()}
+        )
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('key_check', ?)", (value,))
+
+    def key_ids_in_use(self) -> set[str]:
+        return {row[0] for row in self._query("SELECT DISTINCT key_id FROM secrets")}
+
+    # -- secrets --------------------------------------------------------------------
+
+    def put_secret(self, record: SecretRecord) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM secrets WHERE username = ?", (record.username,))
+            db.execute(
+                f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.username,
+                    record.uid,
+                    record.sealed.key_id,
+                    record.sealed.nonce,
+                    record.sealed.ciphertext,
+                    record.otp_digits,
+                    record.interval,
+                    record.created_at,
+                    record.last_step,
+                    record.failures,
+                    record.lockouts,
+                    record.locked_until,
+                ),
+            )
+            self._audit(db, "secret_renewed", record.username, f"uid={record.uid}")
+
+    def get_secret(self, username: str) -> SecretRecord | None:
+        rows = self._query(
+            f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE username = ? AND status = 'active'",
+            (username,),
+        )
+        return _record(rows[0]) if rows else None
+
+    def list_secrets(self) -> list[SecretRecord]:
+        rows = self._query(
+            f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE status = 'active' ORDER BY username"
+        )
+        return [_record(row) for row in rows]
+
+    def delete_secret(self, username: str) -> bool:
+        with self._transaction() as db:
+            deleted = db.execute("DELETE FROM secrets WHERE username = ?", (username,)).rowcount
+            if deleted:
+                self._audit(db, "secret_unset", username, "")
+            return bool(deleted)
+
+    def reserve_attempt(
+        self, username: str, uid: int, *, now: int, threshold: int, lockout_seconds: int
+    ) -> bool:
+        """Count one attempt before its code is checked; False while locked.
+
+        Counting first keeps the limit exact under concurrent guesses. The attempt
+        that reaches the threshold locks the account (each lockout in a row doubles
+        the next, up to a day); an accepted code clears everything (accept_step).
+        """
+        with self._transaction() as db:
+            reached = "failures + 1 >= :threshold"
+            cursor = db.execute(
+                f"""UPDATE secrets SET
+                    failures = CASE WHEN {reached} THEN 0 ELSE failures + 1 END,
+                    lockouts = CASE WHEN {reached} THEN lockouts + 1 ELSE lockouts END,
+                    locked_until = CASE WHEN {reached}
+                        THEN :now + MIN(:base * (1 << MIN(lockouts, 16)), :max)
+                        ELSE locked_until END
+                WHERE username = :user AND uid = :uid AND locked_until <= :now
+                RETURNING failures = 0 AND locked_until > :now""",
+                {
+                    "threshold": threshold,
+                    "now": now,
+                    "base": lockout_seconds,
+                    "max": max(lockout_seconds, MAX_LOCKOUT_SECONDS),
+                    "user": username,
+                    "uid": uid,
+                },
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return False
+            if row[0]:
+                self._audit(db, "locked", username, f"threshold={threshold}")
+            return True
+
+    def accept_step(self, username: str, uid: int, step: int) -> bool:
+        """Spend `step` and every earlier one; False if it (or a later one) was spent."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                """UPDATE secrets SET last_step = ?, failures = 0, lockouts = 0, locked_until = 0
+                   WHERE username = ? AND uid = ? AND last_step < ?""",
+                (step, username, uid, step),
+            )
+            return cursor.rowcount == 1
+
+    # -- audit ----------------------------------------------------------------------
+
+    def audit(self, event: str, username: str, detail: str, *, now: int) -> None:
+        with self._transaction() as db:
+            self._audit(db, event, username, detail, now=now)
+
+    @staticmethod
+    def _audit(
+        db: sqlite3.Connection, event: str, username: str, detail: str, *, now: int | None = None
+    ) -> None:
+        if now is None:
+            db.execute(
+                "INSERT INTO audit_events (at, event, username, detail) "
+                "VALUES (CAST(unixepoch() AS INTEGER), ?, ?, ?)",
+                (event, username, detail),
+            )
+        else:
+            db.execute(
+                "INSERT INTO audit_events (at, event, username, detail) VALUES (?, ?, ?, ?)",
+                (now, event, username, detail),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _record(row: tuple[Any, ...]) -> SecretRecord:
+    (username, uid, key_id, nonce, ct, digits, interval, created, last, fails, locks, until) = row
+    return SecretRecord(
+        username=username,
+        uid=uid,
+        sealed=Sealed(key_id, nonce, ct),
+        otp_digits=digits,
+        interval=interval,
+        created_at=created,
+        last_step=last,
+        failures=fails,
+        lockouts=locks,
+        locked_until=until,
+    )

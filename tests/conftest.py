@@ -1,0 +1,188 @@
+"""Shared fixtures: a real otpgated in a temporary directory, real local users."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+@dataclass
+class Daemon:
+    """A real otpgated process with its own state, runtime dir and key."""
+
+    root: Path
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.root / "otpgated.log"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "etc" / "otpgate.key"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "otpgate.sqlite3"
+
+    def socket(self, name: str) -> str:
+        return str(self.runtime_dir / f"{name}.sock")
+
+    @property
+    def admin_socket(self) -> str:
+        return self.socket("admin")
+
+    def args(self) -> list[str]:
+        return [
+            sys.executable, "-m", "otpgate.server.main",
+            "--state-dir", str(self.state_dir),
+            "--runtime-dir", str(self.runtime_dir),
+            "--key-file", str(self.key_file),
+            "--admin-group", "root",
+            "--issuer", "otpgate-test",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, *, wait: bool = True) -> Daemon:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
+        self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, cwd=self.root)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"otpgated exited {self.proc.returncode}:\n{self.log()}")
+            return "started version=" in self.log()
+
+        _wait_for(ready, timeout, "otpgated did not start")
+
+    def run_to_exit(self, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+        """Start expecting a refusal: returns the finished process."""
+        return subprocess.run(self.args(), capture_output=True, text=True, timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        self.proc = None
+        return code
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def admin(self) -> pb_grpc.TwoFactorAdminStub:
+        return pb_grpc.TwoFactorAdminStub(grpc.insecure_channel("unix:" + self.admin_socket))
+
+    def pam(self) -> pb_grpc.PamGateStub:
+        return pb_grpc.PamGateStub(grpc.insecure_channel("unix:" + self.socket("pam")))
+
+
+@pytest.fixture
+def make_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(*extra_args: str, root: Path | None = None, start: bool = True) -> Daemon:
+        d = Daemon(root or tmp_path_factory.mktemp("otpgated"), list(extra_args))
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        with contextlib.suppress(Exception):
+            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    d: Daemon = make_daemon()
+    return d
+
+
+@dataclass
+class LocalUser:
+    name: str
+    password: str
+    uid: int
+
+
+def _create_user(prefix: str = "ogt") -> LocalUser:
+    name = f"{prefix}{secrets.token_hex(4)}"
+    password = "pw-" + secrets.token_urlsafe(12)
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+    subprocess.run(["chpasswd"], input=f"{name}:{password}", text=True, check=True)
+    uid = int(subprocess.run(["id", "-u", name], capture_output=True, text=True, check=True).stdout)
+    return LocalUser(name, password, uid)
+
+
+def _delete_user(name: str) -> None:
+    subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+@pytest.fixture
+def make_user() -> Iterator[Callable[..., LocalUser]]:
+    """Create real local users (removed afterwards); needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("creating local users needs root")
+    made: list[str] = []
+
+    def make(prefix: str = "ogt") -> LocalUser:
+        user = _create_user(prefix)
+        made.append(user.name)
+        return user
+
+    yield make
+    for name in made:
+        _delete_user(name)
+
+
+@pytest.fixture
+def user(make_user: Callable[..., LocalUser]) -> LocalUser:
+    u: LocalUser = make_user()
+    return u
+
+
+def delete_user(name: str) -> None:
+    _delete_user(name)
