@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     renew.add_argument("user", nargs="?", metavar="USER")
     renew.add_argument("--otp-digits", type=int, metavar="N", help="digits per code, 6..8")
-    renew.add_argument("--interval", type=int, metavar="S", help="seconds per code, 5..300")
+    renew.add_argument("--interval", type=int, metavar="S", help="seconds per code, 5..120")
     renew.add_argument("--qr", metavar="FORMAT", help=qr_help)
     uri = command("provisioning-uri", cmd_provisioning_uri, "show USER's provisioning URI")
     uri.add_argument("user", nargs="?", metavar="USER")

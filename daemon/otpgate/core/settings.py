@@ -21,7 +21,8 @@ class EnrollmentPolicy(enum.Enum):
 # typo from turning 2FA into a formality (a window of 1000 steps accepts hours of codes).
 WINDOW_BOUNDS = (0, 10)
 DIGITS_BOUNDS = (6, 8)
-INTERVAL_BOUNDS = (5, 300)
+# 120: pyotp refuses longer steps (NIST SP 800-63B: a new code at least every two minutes).
+INTERVAL_BOUNDS = (5, 120)
 LOCKOUT_THRESHOLD_BOUNDS = (1, 100)
 LOCKOUT_SECONDS_BOUNDS = (1, 86400)
 ISSUER_MAX_LEN = 64

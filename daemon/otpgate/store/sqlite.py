@@ -41,7 +41,7 @@ CREATE TABLE secrets (
     nonce        BLOB NOT NULL,
     ciphertext   BLOB NOT NULL,
     otp_digits   INTEGER NOT NULL CHECK (otp_digits BETWEEN 6 AND 8),
-    interval     INTEGER NOT NULL CHECK (interval BETWEEN 5 AND 300),
+    interval     INTEGER NOT NULL CHECK (interval BETWEEN 5 AND 120),
     created_at   INTEGER NOT NULL,
     last_step    INTEGER NOT NULL DEFAULT -1,
     failures     INTEGER NOT NULL DEFAULT 0,

@@ -185,7 +185,7 @@ class TwoFactorConfig(_message.Message):
     otp_digits: _builtins.int
     """Digits of new secrets' codes when RenewSecret names none, 6..8. Default 6."""
     interval: _builtins.int
-    """Seconds per code of new secrets when RenewSecret names none, 5..300.
+    """Seconds per code of new secrets when RenewSecret names none, 5..120.
     Default 30.
     """
     issuer: _builtins.str
@@ -448,7 +448,7 @@ class TwoFactorOptions(_message.Message):
     otp_digits: _builtins.int
     """6..8."""
     interval: _builtins.int
-    """Seconds, 5..300."""
+    """Seconds, 5..120 (NIST SP 800-63B: at most two minutes)."""
     def __init__(
         self,
         *,

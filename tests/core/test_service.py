@@ -1,0 +1,279 @@
+"""The service with an injected clock and accounts, on a real SQLite file."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from otpgate.core.accounts import Account
+from otpgate.core.crypto import Keyring
+from otpgate.core.service import TwoFactorService, VerifyResult
+from otpgate.core.settings import EnrollmentPolicy
+from otpgate.errors import InvalidArgument, KeyMismatch, NotFound
+from otpgate.store.sqlite import SQLiteStore
+
+T0 = 1_750_000_020.0  # the start of a 30-second step
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Accounts:
+    def __init__(self) -> None:
+        self.table: dict[str, Account] = {}
+
+    def add(self, name: str, uid: int) -> Account:
+        account = Account(name, uid, uid, name.title(), f"/home/{name}", "/bin/sh", (uid,), True)
+        self.table[name] = account
+        return account
+
+    def __call__(self, username: str) -> Account | None:
+        return self.table.get(username)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[TwoFactorService, Clock, Accounts, SQLiteStore]:
+    clock, accounts = Clock(), Accounts()
+    accounts.add("alice", 1000)
+    accounts.add("bob", 1001)
+    store = SQLiteStore(str(tmp_path / "db.sqlite3"))
+    service = TwoFactorService(
+        store,
+        Keyring(b"k" * 32),
+        default_issuer="Test",
+        hostname="h",
+        accounts=accounts,
+        clock=clock,
+    )
+    return service, clock, accounts, store
+
+
+def _secret(service: TwoFactorService, user: str) -> pyotp.TOTP:
+    uri = service.provisioning_uri(user)
+    return pyotp.parse_uri(uri)  # type: ignore[no-any-return]
+
+
+def code_at(service: TwoFactorService, user: str, at: float) -> str:
+    return str(_secret(service, user).at(at))
+
+
+def test_renew_returns_uri_and_secret_verifies_once(env: tuple) -> None:
+    service, clock, _, _ = env
+    view = service.renew_secret("alice")
+    assert view.provisioning_uri and view.provisioning_uri.startswith(
+        "otpauth://totp/Test:alice%40h?"
+    )
+    code = code_at(service, "alice", clock.now)
+    assert service.verify("alice", code, via="t").result is VerifyResult.VALID
+    assert service.verify("alice", code, via="t").result is VerifyResult.REPLAYED
+
+
+def test_older_step_refused_after_newer_accepted(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.update_config({"window": 1})
+    service.renew_secret("alice")
+    newer, older = code_at(service, "alice", clock.now + 30), code_at(service, "alice", clock.now)
+    assert service.verify("alice", newer, via="t").valid
+    assert service.verify("alice", older, via="t").result is VerifyResult.REPLAYED
+
+
+def test_window_applies(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.renew_secret("alice")
+    next_code = code_at(service, "alice", clock.now + 30)
+    assert service.verify("alice", next_code, via="t").result is VerifyResult.INVALID
+    service.update_config({"window": 1})
+    assert service.verify("alice", next_code, via="t").valid
+
+
+def test_renewal_options_and_bounds(env: tuple) -> None:
+    service, clock, _, _ = env
+    view = service.renew_secret("alice", otp_digits=8, interval=60)
+    assert view.record and (view.record.otp_digits, view.record.interval) == (8, 60)
+    totp = _secret(service, "alice")
+    assert (totp.digits, totp.interval) == (8, 60)
+    assert service.verify("alice", totp.at(clock.now), via="t").valid
+    for kwargs, field in [({"otp_digits": 9}, "otp_digits"), ({"interval": 4}, "interval")]:
+        with pytest.raises(InvalidArgument, match=f"^{field}:"):
+            service.renew_secret("alice", **kwargs)
+    # Refusals changed nothing: the same secret is still in place.
+    assert service.provisioning_uri("alice") == view.provisioning_uri
+
+
+def test_unknown_user_and_bad_names(env: tuple) -> None:
+    service, _, _, _ = env
+    with pytest.raises(NotFound):
+        service.renew_secret("nobody-here")
+    with pytest.raises(InvalidArgument, match="^username:"):
+        service.renew_secret("../etc")
+    with pytest.raises(NotFound, match="has no 2FA secret"):
+        service.provisioning_uri("bob")
+
+
+def test_not_enrolled_is_its_own_answer(env: tuple) -> None:
+    service, _, _, _ = env
+    assert service.verify("bob", "123456", via="t").result is VerifyResult.NOT_ENROLLED
+
+
+def test_recreated_account_is_not_enrolled(env: tuple) -> None:
+    service, clock, accounts, _ = env
+    service.renew_secret("alice")
+    code = code_at(service, "alice", clock.now)
+    accounts.add("alice", 2000)  # deleted and recreated with another uid
+    assert service.get_user("alice").record is None
+    assert service.verify("alice", code, via="t").result is VerifyResult.NOT_ENROLLED
+    assert [v.account.username for v in service.list_users()] == []
+
+
+def test_lockout_after_threshold_and_doubling(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.update_config({"lockout_threshold": 3, "lockout_seconds": 60})
+    service.renew_secret("alice")
+    wrong = "000000" if code_at(service, "alice", clock.now) != "000000" else "111111"
+    for _ in range(3):
+        assert service.verify("alice", wrong, via="t").result is VerifyResult.INVALID
+    right = code_at(service, "alice", clock.now)
+    locked = service.verify("alice", right, via="t")
+    assert locked.result is VerifyResult.LOCKED and 0 < locked.locked_seconds <= 60
+    clock.now += 61
+    for _ in range(3):
+        service.verify("alice", wrong, via="t")
+    assert service.get_user("alice").locked_seconds == 120  # second lockout in a row: doubled
+    clock.now += 121
+    assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
+    assert service.get_user("alice").record.lockouts == 0  # type: ignore[union-attr]
+
+
+def test_success_resets_failures(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.update_config({"lockout_threshold": 3})
+    service.renew_secret("alice")
+    service.verify("alice", "000001", via="t")
+    service.verify("alice", "000002", via="t")
+    assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
+    assert service.get_user("alice").record.failures == 0  # type: ignore[union-attr]
+
+
+def test_update_config_all_or_nothing(env: tuple) -> None:
+    service, _, _, _ = env
+    before = service.get_config()
+    with pytest.raises(InvalidArgument, match="^window:"):
+        service.update_config({"enabled": True, "window": 11})
+    assert service.get_config() == before
+    after = service.update_config({"enabled": True, "enrollment_policy": EnrollmentPolicy.REQUIRED})
+    assert after.enabled and after.enrollment_policy is EnrollmentPolicy.REQUIRED
+
+
+def test_unset_secret(env: tuple) -> None:
+    service, _, _, _ = env
+    service.renew_secret("alice")
+    assert service.unset_secret("alice").record is None
+    assert service.get_user("alice").record is None
+
+
+def test_wrong_key_refused_without_change(tmp_path: Path) -> None:
+    accounts = Accounts()
+    accounts.add("alice", 1000)
+    path = str(tmp_path / "db")
+    store = SQLiteStore(path)
+    TwoFactorService(store, Keyring(b"a" * 32), default_issuer="T", accounts=accounts).renew_secret(
+        "alice"
+    )
+    store.close()
+    before = _dump(path)
+    store = SQLiteStore(path)
+    with pytest.raises(KeyMismatch, match="refusing to start"):
+        TwoFactorService(store, Keyring(b"b" * 32), default_issuer="T", accounts=accounts)
+    store.close()
+    assert _dump(path) == before
+
+
+def _dump(path: str) -> list[str]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
+def _parallel(n: int, work: Callable[[int], object]) -> list[object]:
+    results: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_one_code_accepted_once_under_concurrency(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.update_config({"lockout_threshold": 100})
+    service.renew_secret("alice")
+    code = code_at(service, "alice", clock.now)
+    results = _parallel(16, lambda _: service.verify("alice", code, via="t").result)
+    assert results.count(VerifyResult.VALID) == 1
+    assert results.count(VerifyResult.REPLAYED) == 15
+
+
+def test_concurrent_replays_count_toward_lockout(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.update_config({"lockout_threshold": 5})
+    service.renew_secret("alice")
+    code = code_at(service, "alice", clock.now)
+    results = _parallel(16, lambda _: service.verify("alice", code, via="t").result)
+    assert results.count(VerifyResult.VALID) == 1
+    assert set(results) <= {VerifyResult.VALID, VerifyResult.REPLAYED, VerifyResult.LOCKED}
+
+
+def test_concurrent_wrong_guesses_never_exceed_threshold(env: tuple) -> None:
+    service, _, _, _ = env
+    service.update_config({"lockout_threshold": 5})
+    service.renew_secret("alice")
+    results = _parallel(32, lambda i: service.verify("alice", f"{i:06d}", via="t").result)
+    checked = [r for r in results if r is not VerifyResult.LOCKED]
+    assert len(checked) == 5
+
+
+def test_parallel_renewals_leave_one_consistent_secret(env: tuple) -> None:
+    service, clock, _, _ = env
+    uris = _parallel(12, lambda _: service.renew_secret("alice").provisioning_uri)
+    assert len(set(uris)) == 12
+    final = service.provisioning_uri("alice")
+    assert final in uris
+    assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
+
+
+def test_secret_never_on_disk_in_plaintext(env: tuple, tmp_path: Path) -> None:
+    service, _, _, _ = env
+    secrets = []
+    for user in ("alice", "bob"):
+        uri = service.renew_secret(user).provisioning_uri
+        assert uri
+        secrets.append(pyotp.parse_uri(uri).secret)
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("db.sqlite3")]
+    assert any(p.name.endswith("-wal") for p in files)
+    blob = b"".join(p.read_bytes() for p in files)
+    for secret in secrets:
+        for form in (secret.encode(), secret.lower().encode(), base64.b32decode(secret)):
+            assert form not in blob
+    assert os.path.getsize(tmp_path / "db.sqlite3-wal") > 0
