@@ -38,6 +38,7 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
+    _log_offset: int = 0
 
     def __post_init__(self) -> None:
         self.log_path = self.root / "otpgated.log"
@@ -77,6 +78,7 @@ class Daemon:
         ]  # fmt: skip
 
     def start(self, *, wait: bool = True) -> Daemon:
+        self._log_offset = len(self.log())
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
         self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, cwd=self.root)
         log.close()
@@ -89,7 +91,7 @@ class Daemon:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"otpgated exited {self.proc.returncode}:\n{self.log()}")
-            return "started version=" in self.log()
+            return "started version=" in self.log()[self._log_offset :]
 
         _wait_for(ready, timeout, "otpgated did not start")
 

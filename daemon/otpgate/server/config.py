@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--issuer", help="default issuer shown in authenticator apps")
     p.add_argument("--admin-group", help="group allowed to use admin.sock")
+    p.add_argument("--password-pam-service", help="PAM service for password checks")
     p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument("--workers", type=int)
     return p
@@ -114,7 +115,10 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"{source}: {name} must be a {expected.__name__}")
+            kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[
+                expected
+            ]
+            raise ConfigError(f"{source}: {name} must be {kind}")
         setattr(config, name, value)
     for name in ("state_dir", "runtime_dir", "key_file"):
         if not os.path.isabs(getattr(config, name)):

@@ -1,0 +1,65 @@
+#!/bin/sh
+# Installs otpgate into a virtualenv and runs otpgated on the embedded default
+# (SQLite, local Unix sockets), so that `otpgate` works right after. Needs root.
+# Re-running it upgrades the install and restarts the daemon; state and key stay.
+set -eu
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+prefix=${OTPGATE_PREFIX:-/opt/otpgate}
+state_dir=/var/lib/otpgate
+runtime_dir=/run/otpgate
+log=/var/log/otpgated.log
+
+[ "$(id -u)" = 0 ] || { echo "quickstart: run as root (sudo $0)" >&2; exit 1; }
+
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  apt-get install -y -q python3 python3-venv >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q python3 python3-venv >/dev/null; }
+fi
+
+echo "quickstart: installing into $prefix"
+[ -x "$prefix/bin/python" ] || python3 -m venv "$prefix"
+"$prefix/bin/pip" install -q --upgrade pip >/dev/null
+"$prefix/bin/pip" install -q "$repo"
+ln -sf "$prefix/bin/otpgate" /usr/local/bin/otpgate
+ln -sf "$prefix/bin/otpgated" /usr/local/sbin/otpgated
+
+# The hook runs under the system Python on every login: root-owned, not writable by others.
+install -d -m 0755 /usr/local/lib/otpgate
+if [ -f "$repo/pam_hook/otpgate_pam_hook.py" ]; then
+  install -m 0755 -o root -g root "$repo/pam_hook/otpgate_pam_hook.py" /usr/local/lib/otpgate/otpgate-pam-hook
+fi
+# otpgated's own PAM service, for password checks; sshd's files are not touched.
+[ -e /etc/pam.d/otpgate ] || install -m 0644 "$repo/packaging/pam.d/otpgate" /etc/pam.d/otpgate
+getent group otpgate-admin >/dev/null || groupadd --system otpgate-admin
+install -d -m 0700 /etc/otpgate
+
+pidfile=$runtime_dir/otpgated.pid
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  echo "quickstart: stopping the running otpgated ($(cat "$pidfile"))"
+  kill -TERM "$(cat "$pidfile")"
+  while kill -0 "$(cat "$pidfile")" 2>/dev/null; do sleep 0.2; done
+fi
+install -d -m 0755 "$runtime_dir"
+setsid "$prefix/bin/otpgated" --state-dir "$state_dir" --runtime-dir "$runtime_dir" \
+  </dev/null >>"$log" 2>&1 &
+echo $! >"$pidfile"
+i=0
+until grep -q "otpgated\[$(cat "$pidfile")\] INFO started" "$log" 2>/dev/null; do
+  i=$((i + 1))
+  if [ $i -gt 150 ] || ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "quickstart: otpgated did not start; its log ($log) ends with:" >&2
+    tail -n 5 "$log" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+echo "quickstart: otpgated running (pid $(cat "$pidfile"), log $log)"
+otpgate config
+cat <<EOT
+
+Next: enroll an account and check a code
+  otpgate renew-secret USER            # shows the URI and a QR code to scan
+  otpgate verify USER CODE             # true once, then false for the same code
+Admins: root, or members of the otpgate-admin group (usermod -aG otpgate-admin NAME).
+EOT

@@ -1,0 +1,332 @@
+"""otpgated as a process: sockets, keys, restarts, signals, logs, raw gRPC."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sqlite3
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pyotp
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from otpgate.core.crypto import create_key_file
+from otpgate.v1 import otpgate_pb2 as pb
+from tests.conftest import Daemon, LocalUser
+
+
+def _mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_sockets_and_files_have_least_privilege(daemon: Daemon) -> None:
+    assert _mode(daemon.admin_socket) == 0o660
+    assert os.stat(daemon.admin_socket).st_gid == 0  # --admin-group root
+    assert _mode(daemon.socket("pam")) == 0o600
+    assert _mode(daemon.runtime_dir) == 0o755
+    assert _mode(daemon.state_dir) == 0o700
+    assert _mode(daemon.database) == 0o600
+    assert _mode(daemon.key_file) == 0o600
+    assert "key_created" in daemon.log()
+
+
+def test_health_and_reflection(daemon: Daemon) -> None:
+    for name in ("admin", "pam"):
+        channel = grpc.insecure_channel("unix:" + daemon.socket(name))
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    channel = grpc.insecure_channel("unix:" + daemon.admin_socket)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert "otpgate.v1.TwoFactorAdmin" in names
+    assert "otpgate.v1.PamGate" not in names  # each socket serves its own table only
+
+
+def test_each_socket_refuses_the_other_sockets_methods(daemon: Daemon) -> None:
+    pam_on_admin = grpc.insecure_channel("unix:" + daemon.admin_socket).unary_unary(
+        "/otpgate.v1.PamGate/Verify"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        pam_on_admin(b"", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    admin_on_pam = grpc.insecure_channel("unix:" + daemon.socket("pam")).unary_unary(
+        "/otpgate.v1.TwoFactorAdmin/RenewSecret"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        admin_on_pam(b"", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_unknown_fields_refused(daemon: Daemon) -> None:
+    update = grpc.insecure_channel("unix:" + daemon.admin_socket).unary_unary(
+        "/otpgate.v1.TwoFactorAdmin/UpdateConfig"
+    )
+    # enabled=true (field 1) plus an unknown varint field 99.
+    raw = pb.UpdateConfigRequest(enabled=True).SerializeToString() + bytes([0x98, 0x06, 0x01])
+    with pytest.raises(grpc.RpcError) as info:
+        update(raw, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "99" in (info.value.details() or "")
+    assert daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=5).enabled is False
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "bounds"),
+    [
+        ("window", 11, "0 to 10"),
+        ("otp_digits", 5, "6 to 8"),
+        ("otp_digits", 9, "6 to 8"),
+        ("interval", 4, "5 to 120"),
+        ("interval", 121, "5 to 120"),
+        ("lockout_threshold", 0, "1 to 100"),
+        ("lockout_seconds", 86401, "1 to 86400"),
+    ],
+)
+def test_update_out_of_bounds_changes_nothing(
+    daemon: Daemon, field: str, value: int, bounds: str
+) -> None:
+    admin = daemon.admin()
+    before = admin.GetConfig(pb.GetConfigRequest(), timeout=5)
+    request = pb.UpdateConfigRequest(enabled=True, **{field: value})
+    with pytest.raises(grpc.RpcError) as info:
+        admin.UpdateConfig(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"{field}: must be from {bounds} (got {value})"
+    assert admin.GetConfig(pb.GetConfigRequest(), timeout=5) == before
+
+
+def test_bad_enum_and_issuer_refused(daemon: Daemon) -> None:
+    admin = daemon.admin()
+    for request, field in [
+        (
+            pb.UpdateConfigRequest(enrollment_policy=pb.ENROLLMENT_POLICY_UNSPECIFIED),
+            "enrollment_policy",
+        ),
+        (pb.UpdateConfigRequest(issuer="a:b"), "issuer"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            admin.UpdateConfig(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith(field + ":")
+
+
+def test_admin_api_user_flow(daemon: Daemon, user: LocalUser) -> None:
+    admin = daemon.admin()
+    with pytest.raises(grpc.RpcError) as info:
+        admin.RenewSecret(pb.RenewSecretRequest(username=user.name + "x"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        admin.RenewSecret(
+            pb.RenewSecretRequest(
+                username=user.name, twofactor_options=pb.TwoFactorOptions(otp_digits=9)
+            ),
+            timeout=5,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("otp_digits:")
+    entry = admin.RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    assert entry.username == user.name and entry.uid == user.uid and entry.id == user.uid
+    assert entry.local and entry.home == f"/home/{user.name}" and entry.shell == "/bin/bash"
+    assert entry.twofactor_auth_configured and entry.twofactor_config.secret_configured
+    assert (entry.twofactor_config.interval, entry.twofactor_config.otp_digits) == (30, 6)
+    uri = entry.twofactor_config.provisioning_uri
+    shown = admin.GetUser(pb.GetUserRequest(username=user.name), timeout=5)
+    assert not shown.twofactor_config.HasField("provisioning_uri")  # it holds the secret
+    assert (
+        admin.GetProvisioningUri(
+            pb.GetProvisioningUriRequest(username=user.name), timeout=5
+        ).provisioning_uri
+        == uri
+    )
+    code = pyotp.parse_uri(uri).now()
+    first = admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token=code), timeout=5)
+    again = admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token=code), timeout=5)
+    assert (first.valid, first.result) == (True, pb.VERIFY_RESULT_VALID)
+    assert (again.valid, again.result) == (False, pb.VERIFY_RESULT_REPLAYED)
+    assert [u.username for u in admin.ListUsers(pb.ListUsersRequest(), timeout=5).users] == [
+        user.name
+    ]
+    admin.UnsetSecret(pb.UnsetSecretRequest(username=user.name), timeout=5)
+    gone = admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token=code), timeout=5)
+    assert gone.result == pb.VERIFY_RESULT_NOT_ENROLLED
+
+
+def test_secrets_and_codes_never_logged(daemon: Daemon, user: LocalUser) -> None:
+    admin = daemon.admin()
+    uri = admin.RenewSecret(
+        pb.RenewSecretRequest(username=user.name), timeout=5
+    ).twofactor_config.provisioning_uri
+    secret = pyotp.parse_uri(uri).secret
+    code = pyotp.parse_uri(uri).now()
+    admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token=code), timeout=5)
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token=wrong), timeout=5)
+    with pytest.raises(grpc.RpcError):
+        admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token="12345x"), timeout=5)
+    daemon.stop()
+    log = daemon.log()
+    assert f"user={user.name}" in log
+    for needle in (secret, secret.lower(), code, wrong, "12345x"):
+        assert needle not in log
+
+
+def test_state_survives_restart_and_sigkill(daemon: Daemon, user: LocalUser) -> None:
+    admin = daemon.admin()
+    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, window=2), timeout=5)
+    uri = admin.RenewSecret(
+        pb.RenewSecretRequest(username=user.name), timeout=5
+    ).twofactor_config.provisioning_uri
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    admin = daemon.admin()
+    config = admin.GetConfig(pb.GetConfigRequest(), timeout=5)
+    assert (config.enabled, config.window) == (True, 2)
+    assert (
+        admin.GetProvisioningUri(
+            pb.GetProvisioningUriRequest(username=user.name), timeout=5
+        ).provisioning_uri
+        == uri
+    )
+    code = pyotp.parse_uri(uri).now()
+    assert admin.VerifyToken(pb.VerifyTokenRequest(username=user.name, token=code), timeout=5).valid
+    daemon.restart()
+    replay = daemon.admin().VerifyToken(
+        pb.VerifyTokenRequest(username=user.name, token=code), timeout=5
+    )
+    assert replay.result == pb.VERIFY_RESULT_REPLAYED  # spent steps survive a restart
+
+
+def _dump(path: Path) -> list[str]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
+def test_wrong_key_refuses_to_start_and_changes_nothing(daemon: Daemon, user: LocalUser) -> None:
+    daemon.admin().RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    daemon.stop()
+    before = _dump(daemon.database)
+    daemon.key_file.unlink()
+    create_key_file(str(daemon.key_file))
+    result = daemon.run_to_exit()
+    assert result.returncode == 1
+    assert "KeyMismatch" in result.stderr and "refusing to start" in result.stderr
+    assert _dump(daemon.database) == before
+    assert not os.path.exists(daemon.admin_socket) or not _serving(daemon)
+
+
+def _serving(daemon: Daemon) -> bool:
+    try:
+        daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=1)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_missing_key_with_sealed_database_is_not_replaced(daemon: Daemon) -> None:
+    daemon.stop()
+    daemon.key_file.unlink()
+    result = daemon.run_to_exit()
+    assert result.returncode == 1
+    assert "does not exist, but the database is sealed" in result.stderr
+    assert not daemon.key_file.exists()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_bad_key_file_mode_refused(daemon: Daemon, mode: int) -> None:
+    daemon.stop()
+    daemon.key_file.chmod(mode)
+    result = daemon.run_to_exit()
+    assert result.returncode == 1
+    assert f"mode {mode:04o}" in result.stderr and "0600 or tighter" in result.stderr
+
+
+def test_key_file_owned_by_someone_else_refused(daemon: Daemon) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    daemon.stop()
+    os.chown(daemon.key_file, 4242, 4242)
+    result = daemon.run_to_exit()
+    assert result.returncode == 1 and "owned by uid 4242" in result.stderr
+
+
+def test_key_from_systemd_credential(make_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    create_key_file(str(creds / "otpgate.key"))
+    d = make_daemon(start=False)
+    env = dict(os.environ, CREDENTIALS_DIRECTORY=str(creds))
+    log = open(d.log_path, "ab")  # noqa: SIM115
+    d.proc = subprocess.Popen(d.args(), stdout=log, stderr=log, env=env)
+    log.close()
+    d.wait_ready()
+    assert "source=credential" in d.log()
+    assert not d.key_file.exists()  # no file key was created
+
+
+def test_unknown_config_option_refused(tmp_path: Path, make_daemon) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "otpgated.toml"
+    config.write_text('state_dir = "/tmp/x"\nsecret_sauce = 1\n')
+    d = make_daemon("--config", str(config), start=False)
+    result = d.run_to_exit()
+    assert result.returncode == 1 and "unknown option 'secret_sauce'" in result.stderr
+
+
+def test_config_file_values_and_flag_override(tmp_path: Path, make_daemon) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "otpgated.toml"
+    config.write_text('issuer = "FromFile"\nworkers = 4\n')
+    d = make_daemon("--config", str(config))
+    assert d.admin().GetConfig(pb.GetConfigRequest(), timeout=5).effective_issuer == "otpgate-test"
+    config.write_text("workers = 0\n")
+    result = make_daemon("--config", str(config), start=False).run_to_exit()
+    assert result.returncode == 1 and "workers must be from 1 to 256" in result.stderr
+    config.write_text('workers = "many"\n')
+    result = make_daemon("--config", str(config), start=False).run_to_exit()
+    assert result.returncode == 1 and "workers must be an integer" in result.stderr
+
+
+@pytest.fixture
+def slow_pam_service() -> str:
+    """A PAM service whose auth step takes a second: an in-flight call to drain."""
+    name = f"otpgate-test-slow-{secrets.token_hex(4)}"
+    path = Path("/etc/pam.d") / name
+    path.write_text("auth required pam_exec.so /bin/sleep 1\naccount required pam_permit.so\n")
+    yield name
+    path.unlink()
+
+
+def test_sigterm_drains_in_flight_calls(
+    make_daemon, slow_pam_service: str, user: LocalUser
+) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon("--password-pam-service", slow_pam_service)
+    d.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True), timeout=5)
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        result["reply"] = d.pam().VerifySinglePrompt(
+            pb.PamRequest(username=user.name, service="sshd", authtok="whatever"), timeout=10
+        )
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.4)  # the call is now inside PAM (sleep 1)
+    assert d.stop(signal.SIGTERM) == 0
+    thread.join()
+    reply = result["reply"]
+    assert isinstance(reply, pb.PamDecision)
+    assert reply.verdict == pb.VERDICT_ALLOW  # pam_exec sleep succeeds: not enrolled, optional
+    assert "stopping: draining" in d.log() and "stopped" in d.log()
