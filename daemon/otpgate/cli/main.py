@@ -1,7 +1,8 @@
 """otpgate: manage otpgate's 2FA settings and secrets (mirrors TrueNAS `auth two_factor`).
 
 Exit status: 0 success (verify: the code was accepted); 1 verify: the code was
-not accepted; 2 any error (bad usage, daemon unreachable, request refused).
+not accepted, doctor: problems found; 2 any error (bad usage, daemon unreachable,
+request refused).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import pwd
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import grpc
 
 from otpgate import __version__
-from otpgate.cli import qr
+from otpgate.cli import doctor, qr
 from otpgate.errors import ClientError, InvalidArgument, OtpgateError
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
@@ -364,6 +366,58 @@ def cmd_user_list(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(client: Client, args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    config: dict[str, list[str]] | None = None
+    try:
+        config = doctor.parse_sshd_t(doctor.sshd_effective_config(args.sshd, args.sshd_config))
+    except (OSError, subprocess.SubprocessError) as exc:
+        problems.append(f"sshd: cannot read the effective configuration: {exc}")
+    service = args.pam_service or os.path.basename(args.sshd)
+    stack: list[doctor.PamLine] = []
+    try:
+        stack = doctor.read_pam_auth(service, args.pam_dir)
+    except OSError as exc:
+        problems.append(f"pam: cannot read service {service}: {exc.strerror}")
+    flow = doctor.detect_flow(stack)
+    if config is not None:
+        problems += doctor.check_sshd(config, flow)
+    if stack:
+        problems += doctor.check_pam(service, stack, doctor.root_owned_chain)
+    problems += _doctor_daemon(client)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"ok: no problems found (flow: {flow})")
+    return EXIT_FALSE if problems else EXIT_OK
+
+
+def _doctor_daemon(client: Client) -> list[str]:
+    pam_socket = os.path.join(os.path.dirname(client.socket_path), "pam.sock")
+    problems = []
+    try:
+        info = os.stat(pam_socket)
+        if stat.S_IMODE(info.st_mode) & 0o077 or info.st_uid != 0:
+            problems.append(f"daemon: {pam_socket} is reachable by others than root")
+    except OSError:
+        problems.append(f"daemon: no PAM socket at {pam_socket}: every login would be refused")
+    try:
+        config = client.call("GetConfig", pb.GetConfigRequest())
+        users = client.call("ListUsers", pb.ListUsersRequest()).users
+    except OtpgateError as exc:
+        return [*problems, f"daemon: not reachable: {exc}"]
+    if config.enabled and config.services.ssh:
+        admins, any_enrolled = doctor.unenrolled_admins(
+            (u.username for u in users), "otpgate-admin"
+        )
+        if not any_enrolled:
+            problems.append(
+                "daemon: 2FA is on for SSH but no administrator is enrolled "
+                f"({', '.join(admins)}): enroll one with `otpgate renew-secret USER`"
+            )
+    return problems
+
+
 # -- argument parsing ------------------------------------------------------------------
 
 
@@ -389,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="otpgate",
         parents=[common],
         description="Manage otpgate: two-factor (TOTP) settings and secrets for SSH logins.",
-        epilog="Exit status: 0 success; 1 verify: code not accepted; 2 error.",
+        epilog="Exit status: 0 success; 1 verify: code not accepted, doctor: problems found; "
+        "2 error.",
     )
     parser.add_argument("--version", action="version", version=f"otpgate {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -430,6 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unset = command("unset-secret", cmd_unset_secret, "remove USER's 2FA secret")
     unset.add_argument("user", metavar="USER")
+    check = command(
+        "doctor", cmd_doctor, "report unsafe or broken SSH wiring (exit 1 when it finds any)"
+    )
+    check.add_argument("--sshd", default="/usr/sbin/sshd", help="sshd binary (default %(default)s)")
+    check.add_argument("--sshd-config", help="sshd configuration file (default: sshd's own)")
+    check.add_argument("--pam-service", help="PAM service of sshd (default: the binary's name)")
+    check.add_argument(
+        "--pam-dir", default="/etc/pam.d", help="PAM directory (default %(default)s)"
+    )
     user = commands.add_parser("user", help="show enrolled accounts")
     user_commands = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True)
     show = user_commands.add_parser("show", parents=[common], help="one account's 2FA state")

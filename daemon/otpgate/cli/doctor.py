@@ -1,0 +1,221 @@
+"""`otpgate doctor`: find unsafe or broken SSH wiring before it locks anyone out.
+
+Reads the effective sshd configuration (`sshd -T`) and the PAM stack sshd uses,
+and reports one line per problem. The checks are pure functions over text, so
+they are tested without touching the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import shlex
+import stat
+import subprocess
+from collections.abc import Callable, Iterable
+
+HOOK_NAME = "otpgate-pam-hook"
+_INCLUDE_DEPTH = 8
+_ADMIN_GROUPS = ("sudo", "wheel", "admin")
+
+
+@dataclasses.dataclass(frozen=True)
+class PamLine:
+    control: str
+    module: str
+    args: tuple[str, ...]
+
+    @property
+    def hook_mode(self) -> str | None:
+        """The hook's mode if this line runs otpgate's hook, else None."""
+        if os.path.basename(self.module) != "pam_exec.so":
+            return None
+        for i, arg in enumerate(self.args):
+            if _is_hook(arg):
+                rest = self.args[i + 1 :]
+                return rest[0] if rest else ""
+        return None
+
+    @property
+    def hook_path(self) -> str | None:
+        return next((a for a in self.args if _is_hook(a)), None)
+
+
+def _is_hook(arg: str) -> bool:
+    name = os.path.basename(arg)
+    return name == HOOK_NAME or name.startswith("otpgate_pam_hook")
+
+
+def parse_sshd_t(text: str) -> dict[str, list[str]]:
+    """`sshd -T` output: lower-case keyword -> values (repeated keywords accumulate)."""
+    config: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key:
+            config.setdefault(key.lower(), []).append(value.strip())
+    return config
+
+
+def read_pam_auth(service: str, pam_dir: str = "/etc/pam.d") -> list[PamLine]:
+    """The auth lines of a PAM service, with @include and include/substack expanded."""
+    return _auth_lines(os.path.join(pam_dir, service), pam_dir, 0)
+
+
+def _auth_lines(path: str, pam_dir: str, depth: int) -> list[PamLine]:
+    if depth > _INCLUDE_DEPTH:
+        return []
+    lines: list[PamLine] = []
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            text = raw.split("#", 1)[0].strip()
+            if not text:
+                continue
+            if text.startswith("@include"):
+                lines += _auth_lines(_pam_path(text.split()[1], pam_dir), pam_dir, depth + 1)
+                continue
+            fields = _split_pam(text)
+            if len(fields) < 3 or fields[0].lstrip("-") != "auth":
+                continue
+            control, module = fields[1], fields[2]
+            if control in ("include", "substack"):
+                lines += _auth_lines(_pam_path(module, pam_dir), pam_dir, depth + 1)
+                continue
+            lines.append(PamLine(control, module, tuple(fields[3:])))
+    return lines
+
+
+def _pam_path(name: str, pam_dir: str) -> str:
+    return name if os.path.isabs(name) else os.path.join(pam_dir, name)
+
+
+def _split_pam(text: str) -> list[str]:
+    # A control of the form [a=b c=d] is one field despite its spaces.
+    if "[" in text and "]" in text:
+        head, _, rest = text.partition("[")
+        control, _, tail = rest.partition("]")
+        return [*head.split(), f"[{control}]", *shlex.split(tail)]
+    return shlex.split(text)
+
+
+def check_sshd(config: dict[str, list[str]], flow: str | None) -> list[str]:
+    problems = []
+    if config.get("usepam", ["no"])[0] != "yes":
+        problems.append("sshd: UsePAM is off: PAM, and so otpgate, is never asked")
+    kbd = config.get("kbdinteractiveauthentication", config.get("challengeresponseauthentication"))
+    if (kbd or ["no"])[0] != "yes":
+        problems.append("sshd: KbdInteractiveAuthentication is off: no code can be asked")
+    methods = " ".join(config.get("authenticationmethods", ["any"]))
+    if methods == "any":
+        problems.append(
+            "sshd: AuthenticationMethods is 'any': a password or a key alone lets a user in "
+            "without a code"
+        )
+        return problems
+    for method_list in methods.split():
+        steps = [step.split(":", 1)[0] for step in method_list.split(",")]
+        if "keyboard-interactive" not in steps:
+            problems.append(
+                f"sshd: AuthenticationMethods list '{method_list}' lets a user in without a code"
+            )
+        elif flow in ("password", "publickey") and steps == ["keyboard-interactive"]:
+            problems.append(
+                f"sshd: AuthenticationMethods list '{method_list}' is a single round: with the "
+                f"{flow}-then-code PAM stack that is "
+                + ("the password alone" if flow == "password" else "denied for everyone")
+            )
+    return problems
+
+
+def detect_flow(stack: list[PamLine]) -> str | None:
+    modes = [line.hook_mode for line in stack if line.hook_mode is not None]
+    if "single-prompt" in modes:
+        return "single-prompt"
+    if "first-factor-done" in modes:
+        has_unix = any(os.path.basename(line.module) == "pam_unix.so" for line in stack)
+        return "password" if has_unix else "publickey"
+    if "verify" in modes:
+        return "code-only"
+    return None
+
+
+def check_pam(
+    service: str, stack: list[PamLine], owner_ok: Callable[[str], str | None]
+) -> list[str]:
+    problems = []
+    hook_lines = [line for line in stack if line.hook_mode is not None]
+    if not hook_lines:
+        return [f"pam: service {service} never runs {HOOK_NAME}: no code is ever asked"]
+    if not any(line.hook_mode in ("verify", "single-prompt") for line in hook_lines):
+        problems.append(f"pam: service {service} runs {HOOK_NAME} but never checks a code")
+    if not stack or os.path.basename(stack[-1].module) != "pam_permit.so":
+        problems.append(
+            f"pam: the auth stack of {service} does not end with pam_permit.so: sshd drops "
+            "the session after login (setcred)"
+        )
+    for line in hook_lines:
+        path = line.hook_path or ""
+        if line.hook_mode in ("verify", "single-prompt") and "expose_authtok" not in line.args:
+            problems.append(
+                f"pam: the {line.hook_mode} line lacks expose_authtok: it reads no code"
+            )
+        if not os.path.isabs(path):
+            problems.append(f"pam: hook path {path!r} is not absolute")
+            continue
+        trouble = owner_ok(path)
+        if trouble:
+            problems.append(f"pam: hook {path}: {trouble}")
+        if "-I" not in line.args:
+            problems.append(
+                f"pam: hook {path} runs without python3 -I: the environment could change it"
+            )
+    return problems
+
+
+def root_owned_chain(path: str) -> str | None:
+    """Why `path` could be changed by someone other than root, or None."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    current = path
+    while True:
+        info = os.stat(current)
+        if info.st_uid != 0:
+            return f"{current} is not owned by root"
+        sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & 0o022 and not sticky_dir:
+            return f"{current} is writable by group or others"
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def unenrolled_admins(enrolled: Iterable[str], admin_group: str) -> tuple[list[str], bool]:
+    """(admins, any enrolled): admins are root and members of the usual admin groups."""
+    admins = {"root"}
+    for name in (*_ADMIN_GROUPS, admin_group):
+        try:
+            group = grp.getgrnam(name)
+        except KeyError:
+            continue
+        admins.update(group.gr_mem)
+        admins.update(p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid)
+    enrolled_set = set(enrolled)
+    return sorted(admins), bool(admins & enrolled_set)
+
+
+def sshd_effective_config(sshd: str, config_file: str | None) -> str:
+    command = [sshd, "-T"]
+    if config_file:
+        command += ["-f", config_file]
+    # -T needs host keys it can read; -C evaluates Match blocks for a plain connection.
+    command += ["-C", "user=root,host=localhost,addr=127.0.0.1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    if result.returncode != 0:
+        raise OSError(result.stderr.strip() or f"{sshd} -T failed")
+    return result.stdout
