@@ -17,10 +17,16 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     { apt-get update -q >/dev/null && apt-get install -y -q python3 python3-venv >/dev/null; }
 fi
 
+# The system Python: ordinary users must be able to run `otpgate` to enroll themselves.
+python=$(command -v /usr/bin/python3 || command -v python3)
 echo "quickstart: installing into $prefix"
-[ -x "$prefix/bin/python" ] || python3 -m venv "$prefix"
+if [ "$(readlink -f "$prefix/bin/python" 2>/dev/null)" != "$(readlink -f "$python")" ]; then
+  "$python" -m venv --clear "$prefix"
+fi
 "$prefix/bin/pip" install -q --upgrade pip >/dev/null
 "$prefix/bin/pip" install -q "$repo"
+# Same version number, newer code: reinstall the package itself every time.
+"$prefix/bin/pip" install -q --no-deps --force-reinstall "$repo"
 ln -sf "$prefix/bin/otpgate" /usr/local/bin/otpgate
 ln -sf "$prefix/bin/otpgated" /usr/local/sbin/otpgated
 

@@ -18,8 +18,12 @@ if [ -n "$missing" ]; then
     { apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null; }
 fi
 
+# The system Python: some tests run the CLI as an ordinary user, who must be able to run it.
+python=$(command -v /usr/bin/python3 || command -v python3)
 venv=${OTPGATE_TEST_VENV:-.venv-test}
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+if [ "$(readlink -f "$venv/bin/python" 2>/dev/null)" != "$(readlink -f "$python")" ]; then
+  "$python" -m venv --clear "$venv"
+fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 "$venv/bin/pip" install -q -e '.[test]'
 

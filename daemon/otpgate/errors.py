@@ -4,6 +4,8 @@
     ├── InvalidArgument          bad input; names the field and its bounds
     ├── NotFound                 no such account (or no secret where one is needed)
     ├── FailedPrecondition       the request is valid but the state forbids it
+    ├── Unauthenticated          user.sock call without a valid session
+    ├── PermissionDenied         a session acting on another account
     ├── ConfigError              daemon configuration or key material is unusable
     │   └── KeyMismatch          the key does not open this database
     ├── StoreError               the database is damaged or from a newer version
@@ -30,6 +32,14 @@ class NotFound(OtpgateError):
 
 
 class FailedPrecondition(OtpgateError):
+    pass
+
+
+class Unauthenticated(OtpgateError):
+    pass
+
+
+class PermissionDenied(OtpgateError):
     pass
 
 

@@ -8,6 +8,7 @@ request refused).
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import pwd
@@ -44,22 +45,99 @@ _RESULTS = {
 
 
 class Client:
-    def __init__(self, socket_path: str, timeout: float) -> None:
+    """Talks to admin.sock; an ordinary user who cannot open it goes through
+    user.sock instead, logging in first (password, then a code when enrolled)."""
+
+    def __init__(self, socket_path: str, timeout: float, *, password_stdin: bool = False) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
-        self._channel: grpc.Channel | None = None
+        self.password_stdin = password_stdin
+        self.self_service = False
+        self._stub: Any = None
+        self._metadata: list[tuple[str, str]] = []
 
-    def stub(self) -> pb_grpc.TwoFactorAdminStub:
-        if self._channel is None:
+    def _connect(self) -> Any:
+        if self._stub is not None:
+            return self._stub
+        user_socket = os.path.join(os.path.dirname(self.socket_path), "user.sock")
+        use_user_socket = os.path.basename(self.socket_path) == "user.sock"
+        if not use_user_socket:
+            try:
+                _check_socket(self.socket_path)
+            except SocketPermissionError:
+                if not os.path.exists(user_socket):
+                    raise
+                use_user_socket = True
+        if use_user_socket:
+            if os.path.basename(self.socket_path) != "user.sock":
+                self.socket_path = user_socket
             _check_socket(self.socket_path)
-            self._channel = grpc.insecure_channel("unix:" + self.socket_path)
-        return pb_grpc.TwoFactorAdminStub(self._channel)
+            channel = grpc.insecure_channel("unix:" + self.socket_path)
+            self._stub = pb_grpc.UserSelfServiceStub(channel)
+            self.self_service = True
+        else:
+            channel = grpc.insecure_channel("unix:" + self.socket_path)
+            self._stub = pb_grpc.TwoFactorAdminStub(channel)
+        return self._stub
 
     def call(self, method: str, request: Any) -> Any:
+        stub = self._connect()
+        if not hasattr(stub, method):
+            raise ClientError(
+                f"{method} needs admin rights: run as root or a member of the admin group"
+            )
+        if self.self_service and not self._metadata:
+            self._login()
         try:
-            return getattr(self.stub(), method)(request, timeout=self.timeout)
+            return getattr(stub, method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _rpc_error(exc, self.socket_path) from None
+
+    def _login(self) -> None:
+        stub = self._stub
+        options = pb.AuthCommonOptions(user_info=False)
+        reply = self._rpc(
+            stub.LoginEx,
+            pb.LoginExRequest(
+                mechanism=pb.PASSWORD_PLAIN,
+                username=_current_user(),
+                password=self._secret(f"Password for {_current_user()}: "),
+                login_options=options,
+            ),
+        )
+        while reply.response_type == pb.OTP_REQUIRED:
+            reply = self._rpc(
+                stub.LoginExContinue,
+                pb.LoginExContinueRequest(
+                    mechanism=pb.OTP_TOKEN,
+                    attempt_token=reply.attempt_token,
+                    otp_token=self._secret("One-time code: "),
+                    login_options=options,
+                ),
+            )
+        if reply.response_type == pb.EXPIRED:
+            raise ClientError("your password or account has expired: change it first (passwd)")
+        if reply.response_type != pb.SUCCESS:
+            raise ClientError("login failed: wrong password or code")
+        self._metadata = [("authorization", f"Bearer {reply.session_token}")]
+
+    def _rpc(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self.socket_path) from None
+
+    def _secret(self, prompt: str) -> str:
+        # Never from the command line, where other users could read it in ps.
+        if self.password_stdin:
+            line = sys.stdin.readline()
+            if not line:
+                raise ClientError("--password-stdin: stdin ended before the password or code")
+            return line.rstrip("\n")
+        try:
+            return getpass.getpass(prompt)
+        except (EOFError, OSError):
+            raise ClientError("no terminal to ask for the password: use --password-stdin") from None
 
 
 class RpcFailed(OtpgateError):
@@ -68,6 +146,10 @@ class RpcFailed(OtpgateError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class SocketPermissionError(ClientError):
+    """The caller may not open this socket (an ordinary user on admin.sock)."""
 
 
 def _check_socket(path: str) -> None:
@@ -81,7 +163,7 @@ def _check_socket(path: str) -> None:
     if not stat.S_ISSOCK(info.st_mode):
         raise ClientError(f"{path} is not a socket: {hint}")
     if not os.access(path, os.R_OK | os.W_OK):
-        raise ClientError(
+        raise SocketPermissionError(
             f"permission denied on {path}: admin commands need root or the admin group"
         )
 
@@ -333,7 +415,7 @@ def cmd_unset_secret(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_user_show(client: Client, args: argparse.Namespace) -> int:
-    user = client.call("GetUser", pb.GetUserRequest(username=args.user))
+    user = client.call("GetUser", pb.GetUserRequest(username=args.user or _current_user()))
     if args.json:
         print(json.dumps(user_dict(user), indent=2))
     else:
@@ -433,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"daemon socket (default $OTPGATE_SOCKET or {DEFAULT_SOCKET})",
     )
     common.add_argument(
+        "--password-stdin",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="as an ordinary user: read the password, then the code when one is needed, "
+        "as lines on stdin instead of asking on the terminal",
+    )
+    common.add_argument(
         "--timeout",
         type=float,
         default=argparse.SUPPRESS,
@@ -496,9 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     user = commands.add_parser("user", help="show enrolled accounts")
     user_commands = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True)
-    show = user_commands.add_parser("show", parents=[common], help="one account's 2FA state")
+    show = user_commands.add_parser(
+        "show", parents=[common], help="one account's 2FA state (default: yours)"
+    )
     show.set_defaults(handler=cmd_user_show)
-    show.add_argument("user", metavar="USER")
+    show.add_argument("user", nargs="?", metavar="USER")
     listing = user_commands.add_parser("list", parents=[common], help="every enrolled account")
     listing.set_defaults(handler=cmd_user_list)
     return parser
@@ -510,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = (
         getattr(args, "socket", None) or os.environ.get("OTPGATE_SOCKET") or DEFAULT_SOCKET
     )
-    client = Client(socket_path, getattr(args, "timeout", 10.0))
+    client = Client(
+        socket_path,
+        getattr(args, "timeout", 10.0),
+        password_stdin=getattr(args, "password_stdin", False),
+    )
     try:
         code: int = args.handler(client, args)
         return code

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from otpgate import __version__
+from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.service import TwoFactorService
 from otpgate.errors import OtpgateError
@@ -23,6 +24,7 @@ from otpgate.server import config as daemon_config
 from otpgate.server.admin import AdminServicer
 from otpgate.server.keys import load_keyring
 from otpgate.server.pam import PamServicer
+from otpgate.server.user import UserServicer
 from otpgate.store.sqlite import SQLiteStore
 from otpgate.v1 import otpgate_pb2, otpgate_pb2_grpc
 
@@ -119,16 +121,21 @@ def run(config: daemon_config.DaemonConfig) -> int:
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
         otpgate_pb2_grpc.add_TwoFactorAdminServicer_to_server(AdminServicer(service), admin.server)
         admin.add(otpgate_pb2.DESCRIPTOR.services_by_name["TwoFactorAdmin"].full_name)
-        pam = Socket(config.socket("pam"), config.workers, 0o600, None)
-        otpgate_pb2_grpc.add_PamGateServicer_to_server(
-            PamServicer(service, PamPasswordChecker(config.password_pam_service)), pam.server
+        passwords = PamPasswordChecker(config.password_pam_service)
+        user = Socket(config.socket("user"), config.workers, 0o666, None)
+        otpgate_pb2_grpc.add_UserSelfServiceServicer_to_server(
+            UserServicer(service, Logins(service, passwords)), user.server
         )
+        user.add(otpgate_pb2.DESCRIPTOR.services_by_name["UserSelfService"].full_name)
+        pam = Socket(config.socket("pam"), config.workers, 0o600, None)
+        otpgate_pb2_grpc.add_PamGateServicer_to_server(PamServicer(service, passwords), pam.server)
         pam.add(otpgate_pb2.DESCRIPTOR.services_by_name["PamGate"].full_name)
 
         stopping = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopping.set())
         admin.start(reflect=True)
+        user.start(reflect=True)
         pam.start(reflect=False)
         log.info(
             "started version=%s database=%s key_id=%s",
@@ -139,7 +146,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
         while not stopping.wait(3600):
             pass
         log.info("stopping: draining in-flight calls for up to %.0fs", config.shutdown_grace)
-        done = [s.stop(config.shutdown_grace) for s in (admin, pam)]
+        done = [s.stop(config.shutdown_grace) for s in (admin, user, pam)]
         for event in done:
             event.wait()
         log.info("stopped")

@@ -140,6 +140,96 @@ VERDICT_NOT_ENROLLED: Verdict.ValueType  # 6
 """No secret while enrollment is required: keep out, tell how to enroll."""
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
+class _AuthMechanism:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuthMechanismEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthMechanism.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTH_MECHANISM_UNSPECIFIED: _AuthMechanism.ValueType  # 0
+    PASSWORD_PLAIN: _AuthMechanism.ValueType  # 1
+    """LoginEx: username and password."""
+    OTP_TOKEN: _AuthMechanism.ValueType  # 2
+    """LoginExContinue: a one-time code."""
+
+class AuthMechanism(_AuthMechanism, metaclass=_AuthMechanismEnumTypeWrapper):
+    """---------------------------------------------------------------------------
+    Self-service, on user.sock (any local user). A caller proves who it is with
+    LoginEx (password through PAM, then LoginExContinue with a code when the
+    account is enrolled and 2FA is on), then sends the session token as metadata
+    "authorization: Bearer <token>". Without a valid session every call but
+    LoginEx/LoginExContinue is UNAUTHENTICATED; a username other than the
+    session's is PERMISSION_DENIED (seed: "This username must match the
+    authenticated username unless authenticated credentials have FULL_ADMIN
+    role"; FULL_ADMIN is admin.sock).
+    ---------------------------------------------------------------------------
+    """
+
+AUTH_MECHANISM_UNSPECIFIED: AuthMechanism.ValueType  # 0
+PASSWORD_PLAIN: AuthMechanism.ValueType  # 1
+"""LoginEx: username and password."""
+OTP_TOKEN: AuthMechanism.ValueType  # 2
+"""LoginExContinue: a one-time code."""
+Global___AuthMechanism: _TypeAlias = AuthMechanism  # noqa: Y015
+
+class _ResponseType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResponseTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResponseType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESPONSE_TYPE_UNSPECIFIED: _ResponseType.ValueType  # 0
+    SUCCESS: _ResponseType.ValueType  # 1
+    """Logged in: session_token and (unless user_info=false) user_info are set."""
+    OTP_REQUIRED: _ResponseType.ValueType  # 2
+    """A code is needed: call LoginExContinue with attempt_token. Also the answer
+    to a wrong code while retries remain.
+    """
+    AUTH_ERR: _ResponseType.ValueType  # 3
+    """Wrong password, unknown or locked account, or too many wrong codes. The
+    same answer, in about the same time, whatever the reason.
+    """
+    EXPIRED: _ResponseType.ValueType  # 4
+    """Right password, but the password or the account has expired."""
+
+class ResponseType(_ResponseType, metaclass=_ResponseTypeEnumTypeWrapper): ...
+
+RESPONSE_TYPE_UNSPECIFIED: ResponseType.ValueType  # 0
+SUCCESS: ResponseType.ValueType  # 1
+"""Logged in: session_token and (unless user_info=false) user_info are set."""
+OTP_REQUIRED: ResponseType.ValueType  # 2
+"""A code is needed: call LoginExContinue with attempt_token. Also the answer
+to a wrong code while retries remain.
+"""
+AUTH_ERR: ResponseType.ValueType  # 3
+"""Wrong password, unknown or locked account, or too many wrong codes. The
+same answer, in about the same time, whatever the reason.
+"""
+EXPIRED: ResponseType.ValueType  # 4
+"""Right password, but the password or the account has expired."""
+Global___ResponseType: _TypeAlias = ResponseType  # noqa: Y015
+
+class _AuthenticatorLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuthenticatorLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthenticatorLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTHENTICATOR_LEVEL_UNSPECIFIED: _AuthenticatorLevel.ValueType  # 0
+    LEVEL_1: _AuthenticatorLevel.ValueType  # 1
+    """Password only."""
+    LEVEL_2: _AuthenticatorLevel.ValueType  # 2
+    """Password and one-time code."""
+
+class AuthenticatorLevel(_AuthenticatorLevel, metaclass=_AuthenticatorLevelEnumTypeWrapper): ...
+
+AUTHENTICATOR_LEVEL_UNSPECIFIED: AuthenticatorLevel.ValueType  # 0
+LEVEL_1: AuthenticatorLevel.ValueType  # 1
+"""Password only."""
+LEVEL_2: AuthenticatorLevel.ValueType  # 2
+"""Password and one-time code."""
+Global___AuthenticatorLevel: _TypeAlias = AuthenticatorLevel  # noqa: Y015
+
 @_typing.final
 class Services(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -710,3 +800,211 @@ class PamDecision(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PamDecision: _TypeAlias = PamDecision  # noqa: Y015
+
+@_typing.final
+class AuthCommonOptions(_message.Message):
+    """seed: AuthCommonOptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_INFO_FIELD_NUMBER: _builtins.int
+    user_info: _builtins.bool
+    """Include user_info in a SUCCESS answer. Default true."""
+    def __init__(
+        self,
+        *,
+        user_info: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_user_info", b"_user_info", "user_info", b"user_info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_user_info", b"_user_info", "user_info", b"user_info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__user_info: _TypeAlias = _typing.Literal["user_info"]  # noqa: Y015
+    _WhichOneofArgType__user_info: _TypeAlias = _typing.Literal["_user_info", b"_user_info"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user_info) -> _WhichOneofReturnType__user_info | None: ...
+
+Global___AuthCommonOptions: _TypeAlias = AuthCommonOptions  # noqa: Y015
+
+@_typing.final
+class LoginExRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    LOGIN_OPTIONS_FIELD_NUMBER: _builtins.int
+    mechanism: Global___AuthMechanism.ValueType
+    """Must be PASSWORD_PLAIN."""
+    username: _builtins.str
+    password: _builtins.str
+    @_builtins.property
+    def login_options(self) -> Global___AuthCommonOptions: ...
+    def __init__(
+        self,
+        *,
+        mechanism: Global___AuthMechanism.ValueType = ...,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+        login_options: Global___AuthCommonOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["login_options", b"login_options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["login_options", b"login_options", "mechanism", b"mechanism", "password", b"password", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoginExRequest: _TypeAlias = LoginExRequest  # noqa: Y015
+
+@_typing.final
+class LoginExContinueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    ATTEMPT_TOKEN_FIELD_NUMBER: _builtins.int
+    OTP_TOKEN_FIELD_NUMBER: _builtins.int
+    LOGIN_OPTIONS_FIELD_NUMBER: _builtins.int
+    mechanism: Global___AuthMechanism.ValueType
+    """Must be OTP_TOKEN."""
+    attempt_token: _builtins.str
+    """From the OTP_REQUIRED answer; names the pending attempt (and so the user)."""
+    otp_token: _builtins.str
+    @_builtins.property
+    def login_options(self) -> Global___AuthCommonOptions: ...
+    def __init__(
+        self,
+        *,
+        mechanism: Global___AuthMechanism.ValueType = ...,
+        attempt_token: _builtins.str = ...,
+        otp_token: _builtins.str = ...,
+        login_options: Global___AuthCommonOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["login_options", b"login_options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_token", b"attempt_token", "login_options", b"login_options", "mechanism", b"mechanism", "otp_token", b"otp_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoginExContinueRequest: _TypeAlias = LoginExContinueRequest  # noqa: Y015
+
+@_typing.final
+class AuthUserInfo(_message.Message):
+    """seed: AuthUserInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PW_NAME_FIELD_NUMBER: _builtins.int
+    PW_GECOS_FIELD_NUMBER: _builtins.int
+    PW_DIR_FIELD_NUMBER: _builtins.int
+    PW_SHELL_FIELD_NUMBER: _builtins.int
+    PW_UID_FIELD_NUMBER: _builtins.int
+    PW_GID_FIELD_NUMBER: _builtins.int
+    GROUPLIST_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
+    TWO_FACTOR_CONFIG_FIELD_NUMBER: _builtins.int
+    AUTHENTICATOR_FIELD_NUMBER: _builtins.int
+    pw_name: _builtins.str
+    pw_gecos: _builtins.str
+    pw_dir: _builtins.str
+    pw_shell: _builtins.str
+    pw_uid: _builtins.int
+    pw_gid: _builtins.int
+    local: _builtins.bool
+    authenticator: Global___AuthenticatorLevel.ValueType
+    @_builtins.property
+    def grouplist(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def two_factor_config(self) -> Global___TwoFactorUserConfig: ...
+    def __init__(
+        self,
+        *,
+        pw_name: _builtins.str = ...,
+        pw_gecos: _builtins.str = ...,
+        pw_dir: _builtins.str = ...,
+        pw_shell: _builtins.str = ...,
+        pw_uid: _builtins.int = ...,
+        pw_gid: _builtins.int = ...,
+        grouplist: _abc.Iterable[_builtins.int] | None = ...,
+        local: _builtins.bool = ...,
+        two_factor_config: Global___TwoFactorUserConfig | None = ...,
+        authenticator: Global___AuthenticatorLevel.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["two_factor_config", b"two_factor_config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticator", b"authenticator", "grouplist", b"grouplist", "local", b"local", "pw_dir", b"pw_dir", "pw_gecos", b"pw_gecos", "pw_gid", b"pw_gid", "pw_name", b"pw_name", "pw_shell", b"pw_shell", "pw_uid", b"pw_uid", "two_factor_config", b"two_factor_config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthUserInfo: _TypeAlias = AuthUserInfo  # noqa: Y015
+
+@_typing.final
+class LoginExResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_TYPE_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_TOKEN_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    SESSION_EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    USER_INFO_FIELD_NUMBER: _builtins.int
+    response_type: Global___ResponseType.ValueType
+    username: _builtins.str
+    """OTP_REQUIRED: the account the code is for."""
+    attempt_token: _builtins.str
+    """OTP_REQUIRED: pass to LoginExContinue; valid for a few minutes."""
+    session_token: _builtins.str
+    """SUCCESS: send as "authorization: Bearer <token>"; dies with the daemon."""
+    session_expires_in: _builtins.int
+    """SUCCESS: seconds the session stays valid."""
+    @_builtins.property
+    def user_info(self) -> Global___AuthUserInfo:
+        """SUCCESS, unless login_options.user_info is false."""
+
+    def __init__(
+        self,
+        *,
+        response_type: Global___ResponseType.ValueType = ...,
+        username: _builtins.str = ...,
+        attempt_token: _builtins.str = ...,
+        session_token: _builtins.str = ...,
+        session_expires_in: _builtins.int = ...,
+        user_info: Global___AuthUserInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_user_info", b"_user_info", "user_info", b"user_info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_user_info", b"_user_info", "attempt_token", b"attempt_token", "response_type", b"response_type", "session_expires_in", b"session_expires_in", "session_token", b"session_token", "user_info", b"user_info", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__user_info: _TypeAlias = _typing.Literal["user_info"]  # noqa: Y015
+    _WhichOneofArgType__user_info: _TypeAlias = _typing.Literal["_user_info", b"_user_info"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user_info) -> _WhichOneofReturnType__user_info | None: ...
+
+Global___LoginExResponse: _TypeAlias = LoginExResponse  # noqa: Y015
+
+@_typing.final
+class LogoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogoutRequest: _TypeAlias = LogoutRequest  # noqa: Y015
+
+@_typing.final
+class LogoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogoutResponse: _TypeAlias = LogoutResponse  # noqa: Y015

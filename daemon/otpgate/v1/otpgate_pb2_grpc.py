@@ -563,3 +563,334 @@ class PamGate:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class UserSelfServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoginEx = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/LoginEx',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExResponse.FromString,
+                _registered_method=True)
+        self.LoginExContinue = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/LoginExContinue',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExContinueRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExResponse.FromString,
+                _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/Logout',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.LogoutResponse.FromString,
+                _registered_method=True)
+        self.RenewSecret = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/RenewSecret',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.RenewSecretRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
+        self.GetProvisioningUri = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/GetProvisioningUri',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.GetProvisioningUriRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.GetProvisioningUriResponse.FromString,
+                _registered_method=True)
+        self.VerifyToken = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/VerifyToken',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.VerifyTokenRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.VerifyTokenResponse.FromString,
+                _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/GetUser',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
+
+
+class UserSelfServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def LoginEx(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoginExContinue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewSecret(self, request, context):
+        """The session's own account only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProvisioningUri(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_UserSelfServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoginEx': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoginEx,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExResponse.SerializeToString,
+            ),
+            'LoginExContinue': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoginExContinue,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExContinueRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.LoginExResponse.SerializeToString,
+            ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.LogoutRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.LogoutResponse.SerializeToString,
+            ),
+            'RenewSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewSecret,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RenewSecretRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'GetProvisioningUri': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProvisioningUri,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.GetProvisioningUriRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.GetProvisioningUriResponse.SerializeToString,
+            ),
+            'VerifyToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyToken,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.VerifyTokenRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.VerifyTokenResponse.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'otpgate.v1.UserSelfService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('otpgate.v1.UserSelfService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class UserSelfService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def LoginEx(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/LoginEx',
+            otpgate_dot_v1_dot_otpgate__pb2.LoginExRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.LoginExResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoginExContinue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/LoginExContinue',
+            otpgate_dot_v1_dot_otpgate__pb2.LoginExContinueRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.LoginExResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/Logout',
+            otpgate_dot_v1_dot_otpgate__pb2.LogoutRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/RenewSecret',
+            otpgate_dot_v1_dot_otpgate__pb2.RenewSecretRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProvisioningUri(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/GetProvisioningUri',
+            otpgate_dot_v1_dot_otpgate__pb2.GetProvisioningUriRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.GetProvisioningUriResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/VerifyToken',
+            otpgate_dot_v1_dot_otpgate__pb2.VerifyTokenRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.VerifyTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/GetUser',
+            otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

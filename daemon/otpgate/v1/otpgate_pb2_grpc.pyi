@@ -182,3 +182,82 @@ class PamGateServicer(metaclass=_abc_1.ABCMeta):
         """Check password (through PAM) and code given as one string."""
 
 def add_PamGateServicer_to_server(servicer: PamGateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class UserSelfServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> UserSelfServiceAsyncStub: ...
+    LoginEx: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.LoginExRequest, _otpgate_pb2.LoginExResponse]
+    LoginExContinue: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.LoginExContinueRequest, _otpgate_pb2.LoginExResponse]
+    Logout: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.LogoutRequest, _otpgate_pb2.LogoutResponse]
+    RenewSecret: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.RenewSecretRequest, _otpgate_pb2.UserEntry]
+    """The session's own account only."""
+    GetProvisioningUri: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetProvisioningUriRequest, _otpgate_pb2.GetProvisioningUriResponse]
+    VerifyToken: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.VerifyTokenRequest, _otpgate_pb2.VerifyTokenResponse]
+    GetUser: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]
+
+@_typing.type_check_only
+class UserSelfServiceAsyncStub(UserSelfServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    LoginEx: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.LoginExRequest, _otpgate_pb2.LoginExResponse]  # type: ignore[assignment]
+    LoginExContinue: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.LoginExContinueRequest, _otpgate_pb2.LoginExResponse]  # type: ignore[assignment]
+    Logout: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.LogoutRequest, _otpgate_pb2.LogoutResponse]  # type: ignore[assignment]
+    RenewSecret: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.RenewSecretRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """The session's own account only."""
+    GetProvisioningUri: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetProvisioningUriRequest, _otpgate_pb2.GetProvisioningUriResponse]  # type: ignore[assignment]
+    VerifyToken: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.VerifyTokenRequest, _otpgate_pb2.VerifyTokenResponse]  # type: ignore[assignment]
+    GetUser: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+
+class UserSelfServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def LoginEx(
+        self,
+        request: _otpgate_pb2.LoginExRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.LoginExResponse, _abc.Awaitable[_otpgate_pb2.LoginExResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def LoginExContinue(
+        self,
+        request: _otpgate_pb2.LoginExContinueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.LoginExResponse, _abc.Awaitable[_otpgate_pb2.LoginExResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Logout(
+        self,
+        request: _otpgate_pb2.LogoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.LogoutResponse, _abc.Awaitable[_otpgate_pb2.LogoutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RenewSecret(
+        self,
+        request: _otpgate_pb2.RenewSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """The session's own account only."""
+
+    @_abc_1.abstractmethod
+    def GetProvisioningUri(
+        self,
+        request: _otpgate_pb2.GetProvisioningUriRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.GetProvisioningUriResponse, _abc.Awaitable[_otpgate_pb2.GetProvisioningUriResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def VerifyToken(
+        self,
+        request: _otpgate_pb2.VerifyTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.VerifyTokenResponse, _abc.Awaitable[_otpgate_pb2.VerifyTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUser(
+        self,
+        request: _otpgate_pb2.GetUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]: ...
+
+def add_UserSelfServiceServicer_to_server(servicer: UserSelfServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,144 @@
+"""UserSelfService on user.sock: any local user, acting on their own account only."""
+
+from __future__ import annotations
+
+import grpc
+
+from otpgate.core.login import Level, LoginOutcome, Logins, Response, Session
+from otpgate.core.service import TwoFactorService, UserView
+from otpgate.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from otpgate.server.messages import RESULT_TO_PB, user_to_pb
+from otpgate.server.rpc import rpc
+from otpgate.v1 import otpgate_pb2 as pb
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+_RESPONSE_TO_PB = {
+    Response.SUCCESS: pb.SUCCESS,
+    Response.OTP_REQUIRED: pb.OTP_REQUIRED,
+    Response.AUTH_ERR: pb.AUTH_ERR,
+    Response.EXPIRED: pb.EXPIRED,
+}
+_LEVEL_TO_PB = {Level.LEVEL_1: pb.LEVEL_1, Level.LEVEL_2: pb.LEVEL_2}
+_BEARER = "bearer "
+
+
+def _token(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata():
+        if key == "authorization" and isinstance(value, str) and value.lower().startswith(_BEARER):
+            return value[len(_BEARER) :].strip()
+    return ""
+
+
+def _wants_user_info(options: pb.AuthCommonOptions) -> bool:
+    return options.user_info if options.HasField("user_info") else True
+
+
+def _user_info(view: UserView, level: Level) -> pb.AuthUserInfo:
+    entry = user_to_pb(view)
+    return pb.AuthUserInfo(
+        pw_name=entry.username,
+        pw_gecos=entry.full_name,
+        pw_dir=entry.home,
+        pw_shell=entry.shell,
+        pw_uid=entry.uid,
+        pw_gid=entry.gid,
+        grouplist=entry.groups,
+        local=entry.local,
+        two_factor_config=entry.twofactor_config,
+        authenticator=_LEVEL_TO_PB[level],
+    )
+
+
+def _response(outcome: LoginOutcome, user_info: bool) -> pb.LoginExResponse:
+    reply = pb.LoginExResponse(
+        response_type=_RESPONSE_TO_PB[outcome.response],
+        username=outcome.username if outcome.response is Response.OTP_REQUIRED else "",
+        attempt_token=outcome.attempt_token,
+        session_token=outcome.session_token,
+        session_expires_in=outcome.session_expires_in,
+    )
+    if user_info and outcome.user is not None and outcome.level is not None:
+        reply.user_info.CopyFrom(_user_info(outcome.user, outcome.level))
+    return reply
+
+
+class UserServicer(pb_grpc.UserSelfServiceServicer):
+    def __init__(self, service: TwoFactorService, logins: Logins) -> None:
+        self._service = service
+        self._logins = logins
+
+    def _session(self, context: grpc.ServicerContext) -> Session:
+        session = self._logins.session(_token(context))
+        if session is None:
+            raise Unauthenticated("log in first (LoginEx): no valid session")
+        return session
+
+    def _own(self, context: grpc.ServicerContext, username: str) -> str:
+        """The session's account; another name is refused, even a recreated one."""
+        session = self._session(context)
+        if username and username != session.username:
+            raise PermissionDenied(f"a session of {session.username} may act on itself only")
+        account = self._service.get_user(session.username).account
+        if account.uid != session.uid:
+            raise Unauthenticated("the session's account no longer exists")
+        return session.username
+
+    @rpc
+    def LoginEx(
+        self, request: pb.LoginExRequest, context: grpc.ServicerContext
+    ) -> pb.LoginExResponse:
+        if request.mechanism != pb.PASSWORD_PLAIN:
+            raise InvalidArgument("mechanism", "LoginEx takes PASSWORD_PLAIN")
+        outcome = self._logins.login(request.username, request.password)
+        return _response(outcome, _wants_user_info(request.login_options))
+
+    @rpc
+    def LoginExContinue(
+        self, request: pb.LoginExContinueRequest, context: grpc.ServicerContext
+    ) -> pb.LoginExResponse:
+        if request.mechanism != pb.OTP_TOKEN:
+            raise InvalidArgument("mechanism", "LoginExContinue takes OTP_TOKEN")
+        outcome = self._logins.login_continue(request.attempt_token, request.otp_token)
+        return _response(outcome, _wants_user_info(request.login_options))
+
+    @rpc
+    def Logout(self, request: pb.LogoutRequest, context: grpc.ServicerContext) -> pb.LogoutResponse:
+        self._session(context)
+        self._logins.logout(_token(context))
+        return pb.LogoutResponse()
+
+    @rpc
+    def RenewSecret(
+        self, request: pb.RenewSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        username = self._own(context, request.username)
+        options = request.twofactor_options
+        view = self._service.renew_secret(
+            username, otp_digits=options.otp_digits or None, interval=options.interval or None
+        )
+        return user_to_pb(view)
+
+    @rpc
+    def GetProvisioningUri(
+        self, request: pb.GetProvisioningUriRequest, context: grpc.ServicerContext
+    ) -> pb.GetProvisioningUriResponse:
+        username = self._own(context, request.username)
+        return pb.GetProvisioningUriResponse(
+            provisioning_uri=self._service.provisioning_uri(username)
+        )
+
+    @rpc
+    def VerifyToken(
+        self, request: pb.VerifyTokenRequest, context: grpc.ServicerContext
+    ) -> pb.VerifyTokenResponse:
+        username = self._own(context, request.username)
+        outcome = self._service.verify(username, request.token, via="user")
+        return pb.VerifyTokenResponse(
+            valid=outcome.valid,
+            result=RESULT_TO_PB[outcome.result],
+            locked_seconds=outcome.locked_seconds,
+        )
+
+    @rpc
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserEntry:
+        return user_to_pb(self._service.get_user(self._own(context, request.username)))
