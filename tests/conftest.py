@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,6 +120,9 @@ class Daemon:
     def admin(self) -> pb_grpc.TwoFactorAdminStub:
         return pb_grpc.TwoFactorAdminStub(grpc.insecure_channel("unix:" + self.admin_socket))
 
+    def user(self) -> pb_grpc.UserSelfServiceStub:
+        return pb_grpc.UserSelfServiceStub(grpc.insecure_channel("unix:" + self.socket("user")))
+
     def pam(self) -> pb_grpc.PamGateStub:
         return pb_grpc.PamGateStub(grpc.insecure_channel("unix:" + self.socket("pam")))
 
@@ -188,3 +193,33 @@ def user(make_user: Callable[..., LocalUser]) -> LocalUser:
 
 def delete_user(name: str) -> None:
     _delete_user(name)
+
+
+@pytest.fixture
+def password_pam_service() -> Iterator[str]:
+    """otpgated's own PAM service file (as shipped) under a unique name."""
+    name = f"otpgate-test-pw-{secrets.token_hex(4)}"
+    path = Path("/etc/pam.d") / name
+    path.write_text((REPO / "packaging" / "pam.d" / "otpgate").read_text())
+    yield name
+    path.unlink()
+
+
+@pytest.fixture
+def login_daemon(make_daemon: Callable[..., Daemon], password_pam_service: str) -> Daemon:
+    """A daemon that checks passwords through the shipped PAM service."""
+    d: Daemon = make_daemon("--password-pam-service", password_pam_service)
+    return d
+
+
+@pytest.fixture
+def public_login_daemon(
+    make_daemon: Callable[..., Daemon], password_pam_service: str
+) -> Iterator[Daemon]:
+    """A login daemon whose directory other users can traverse (to reach user.sock)."""
+    root = Path(tempfile.mkdtemp(prefix="otpgate-test-"))
+    root.chmod(0o755)
+    try:
+        yield make_daemon("--password-pam-service", password_pam_service, root=root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import paramiko
 import pyotp
-import pytest
 
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
@@ -233,23 +232,8 @@ def test_publickey_not_enrolled_optional_no_prompt(
 # -- flow (c): one prompt -------------------------------------------------------------
 
 
-@pytest.fixture
-def password_pam_service() -> str:
-    """otpgated's own PAM service (the shipped file) under a unique name."""
-    name = f"otpgate-test-pw-{os.urandom(4).hex()}"
-    path = Path("/etc/pam.d") / name
-    path.write_text((Path(__file__).parents[2] / "packaging/pam.d/otpgate").read_text())
-    yield name
-    path.unlink()
-
-
-def test_single_prompt(
-    make_daemon: Callable[..., Daemon],
-    make_sshd: MakeSshd,
-    user: LocalUser,
-    password_pam_service: str,
-) -> None:
-    daemon = make_daemon("--password-pam-service", password_pam_service)
+def test_single_prompt(login_daemon: Daemon, make_sshd: MakeSshd, user: LocalUser) -> None:
+    daemon = login_daemon
     enable(daemon)
     totp = enroll(daemon, user)
     sshd = make_sshd("single-prompt", daemon)
@@ -263,12 +247,9 @@ def test_single_prompt(
 
 
 def test_single_prompt_not_enrolled_password_alone(
-    make_daemon: Callable[..., Daemon],
-    make_sshd: MakeSshd,
-    user: LocalUser,
-    password_pam_service: str,
+    login_daemon: Daemon, make_sshd: MakeSshd, user: LocalUser
 ) -> None:
-    daemon = make_daemon("--password-pam-service", password_pam_service)
+    daemon = login_daemon
     enable(daemon)
     sshd = make_sshd("single-prompt", daemon)
     assert ssh_login(sshd.port, user.name, answers=[user.password]).ok

@@ -1,0 +1,264 @@
+"""user.sock end to end: LoginEx through real PAM with real local users, sessions,
+self-service, and the CLI run as an ordinary user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pyotp
+import pytest
+
+from otpgate.v1 import otpgate_pb2 as pb
+from tests.conftest import REPO, Daemon, LocalUser
+
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+NO_INFO = pb.AuthCommonOptions(user_info=False)
+
+
+def login(daemon: Daemon, name: str, password: str, **kw: object) -> pb.LoginExResponse:
+    request = pb.LoginExRequest(mechanism=pb.PASSWORD_PLAIN, username=name, password=password, **kw)
+    reply: pb.LoginExResponse = daemon.user().LoginEx(request, timeout=10)
+    return reply
+
+
+def cont(daemon: Daemon, attempt: str, code: str, **kw: object) -> pb.LoginExResponse:
+    request = pb.LoginExContinueRequest(
+        mechanism=pb.OTP_TOKEN, attempt_token=attempt, otp_token=code, **kw
+    )
+    reply: pb.LoginExResponse = daemon.user().LoginExContinue(request, timeout=10)
+    return reply
+
+
+def enroll(daemon: Daemon, user: LocalUser) -> pyotp.TOTP:
+    entry = daemon.admin().RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)
+    assert isinstance(totp, pyotp.TOTP)
+    return totp
+
+
+def enable(daemon: Daemon) -> None:
+    daemon.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=True), timeout=5)
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def test_user_socket_is_world_connectable(login_daemon: Daemon) -> None:
+    assert os.stat(login_daemon.socket("user")).st_mode & 0o777 == 0o666
+
+
+def test_no_two_factor_success_with_user_info(login_daemon: Daemon, user: LocalUser) -> None:
+    reply = login(login_daemon, user.name, user.password)
+    assert reply.response_type == pb.SUCCESS and reply.session_token
+    info = reply.user_info
+    assert (info.pw_name, info.pw_uid, info.pw_dir) == (user.name, user.uid, f"/home/{user.name}")
+    assert info.pw_shell == "/bin/bash" and info.local and info.authenticator == pb.LEVEL_1
+    assert user.uid in info.grouplist or info.pw_gid in info.grouplist
+    assert not login(login_daemon, user.name, user.password, login_options=NO_INFO).HasField(
+        "user_info"
+    )
+
+
+def test_otp_flow_every_answer(login_daemon: Daemon, user: LocalUser) -> None:
+    enable(login_daemon)
+    totp = enroll(login_daemon, user)
+    first = login(login_daemon, user.name, user.password)
+    assert first.response_type == pb.OTP_REQUIRED and first.username == user.name
+    assert first.session_token == "" and not first.HasField("user_info")
+    again = cont(login_daemon, first.attempt_token, "000000" if totp.now() != "000000" else "1")
+    assert again.response_type == pb.OTP_REQUIRED
+    done = cont(login_daemon, first.attempt_token, totp.now())
+    assert done.response_type == pb.SUCCESS and done.session_token
+    assert done.user_info.authenticator == pb.LEVEL_2
+    assert done.user_info.two_factor_config.secret_configured
+
+
+def test_retries_then_auth_err(login_daemon: Daemon, user: LocalUser) -> None:
+    enable(login_daemon)
+    totp = enroll(login_daemon, user)
+    attempt = login(login_daemon, user.name, user.password).attempt_token
+    wrong = f"{(int(totp.now()) + 1) % 10**6:06d}"
+    assert cont(login_daemon, attempt, wrong).response_type == pb.OTP_REQUIRED
+    assert cont(login_daemon, attempt, wrong).response_type == pb.OTP_REQUIRED
+    assert cont(login_daemon, attempt, wrong).response_type == pb.AUTH_ERR
+    assert cont(login_daemon, attempt, totp.now()).response_type == pb.AUTH_ERR
+    shown = login_daemon.admin().GetUser(pb.GetUserRequest(username=user.name), timeout=5)
+    assert shown.failed_attempts == 3  # counted toward the per-user lockout
+
+
+def test_otp_token_without_pending_attempt(login_daemon: Daemon, user: LocalUser) -> None:
+    enable(login_daemon)
+    totp = enroll(login_daemon, user)
+    assert cont(login_daemon, "", totp.now()).response_type == pb.AUTH_ERR
+    assert cont(login_daemon, "forged-attempt", totp.now()).response_type == pb.AUTH_ERR
+
+
+def test_wrong_mechanism_refused(login_daemon: Daemon, user: LocalUser) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        login_daemon.user().LoginEx(
+            pb.LoginExRequest(mechanism=pb.OTP_TOKEN, username=user.name), timeout=5
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("mechanism:")
+
+
+def _timed_login(daemon: Daemon, name: str, password: str) -> tuple[int, float]:
+    started = time.monotonic()
+    reply = login(daemon, name, password)
+    return reply.response_type, time.monotonic() - started
+
+
+def test_unknown_user_and_wrong_password_indistinguishable(
+    login_daemon: Daemon, user: LocalUser, make_user: Callable[..., LocalUser]
+) -> None:
+    locked = make_user()
+    subprocess.run(["usermod", "-L", locked.name], check=True)
+    for _ in range(3):  # warm up the daemon's estimate of a real password check
+        _timed_login(login_daemon, user.name, user.password)
+    wrong = [_timed_login(login_daemon, user.name, "wrong") for _ in range(5)]
+    unknown = [_timed_login(login_daemon, "otpgate-no-such-user", "wrong") for _ in range(5)]
+    locked_out = [_timed_login(login_daemon, locked.name, locked.password) for _ in range(5)]
+    answers = {r for r, _ in wrong + unknown + locked_out}
+    assert answers == {pb.AUTH_ERR}
+    medians = [statistics.median(t for _, t in runs) for runs in (wrong, unknown, locked_out)]
+    # "About the same time": within a factor two of each other (real PAM, noisy machine).
+    assert max(medians) < 2 * min(medians), medians
+
+
+def test_expired_account(login_daemon: Daemon, user: LocalUser) -> None:
+    subprocess.run(["chage", "-E", "0", user.name], check=True)
+    assert login(login_daemon, user.name, user.password).response_type == pb.EXPIRED
+    assert login(login_daemon, user.name, "wrong").response_type == pb.AUTH_ERR
+
+
+def test_session_gates_every_other_call(
+    login_daemon: Daemon, user: LocalUser, make_user: Callable[..., LocalUser]
+) -> None:
+    other = make_user()
+    stub = login_daemon.user()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetUser(pb.GetUserRequest(username=user.name), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RenewSecret(pb.RenewSecretRequest(), timeout=5, metadata=bearer("forged"))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    token = login(login_daemon, user.name, user.password).session_token
+    meta = bearer(token)
+    entry = stub.RenewSecret(pb.RenewSecretRequest(), timeout=5, metadata=meta)
+    assert entry.username == user.name and entry.twofactor_config.provisioning_uri
+    uri = stub.GetProvisioningUri(pb.GetProvisioningUriRequest(), timeout=5, metadata=meta)
+    assert uri.provisioning_uri == entry.twofactor_config.provisioning_uri
+    code = pyotp.parse_uri(uri.provisioning_uri).now()
+    verified = stub.VerifyToken(pb.VerifyTokenRequest(token=code), timeout=5, metadata=meta)
+    assert verified.valid
+    for call, request in [
+        (stub.RenewSecret, pb.RenewSecretRequest(username=other.name)),
+        (stub.GetProvisioningUri, pb.GetProvisioningUriRequest(username=other.name)),
+        (stub.VerifyToken, pb.VerifyTokenRequest(username=other.name, token="123456")),
+        (stub.GetUser, pb.GetUserRequest(username=other.name)),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=5, metadata=meta)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        not login_daemon.admin()
+        .GetUser(pb.GetUserRequest(username=other.name), timeout=5)
+        .twofactor_auth_configured
+    )
+    stub.Logout(pb.LogoutRequest(), timeout=5, metadata=meta)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetUser(pb.GetUserRequest(), timeout=5, metadata=meta)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_admin_methods_absent_from_user_socket(login_daemon: Daemon) -> None:
+    call = grpc.insecure_channel("unix:" + login_daemon.socket("user")).unary_unary(
+        "/otpgate.v1.TwoFactorAdmin/UpdateConfig"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_burst_of_wrong_passwords_does_not_stall_a_right_one(
+    login_daemon: Daemon, user: LocalUser
+) -> None:
+    baseline = statistics.median(
+        _timed_login(login_daemon, user.name, user.password)[1] for _ in range(3)
+    )
+    results: list[int] = []
+    barrier = threading.Barrier(21)
+
+    def wrong() -> None:
+        barrier.wait()
+        results.append(login(login_daemon, user.name, "wrong-password").response_type)
+
+    threads = [threading.Thread(target=wrong) for _ in range(20)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    code, seconds = _timed_login(login_daemon, user.name, user.password)
+    for t in threads:
+        t.join()
+    assert code == pb.SUCCESS
+    assert results == [pb.AUTH_ERR] * 20
+    # With PAM's ~2 s failure delay this would take seconds; the bound is generous.
+    assert seconds < max(1.5, 20 * baseline), (seconds, baseline)
+
+
+def _cli_as(
+    user: LocalUser, daemon: Daemon, args: list[str], stdin: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [RUNUSER, "-u", user.name, "--", sys.executable, "-m", "otpgate.cli.main",
+         "--socket", daemon.admin_socket, "--password-stdin", *args],
+        input=stdin, capture_output=True, text=True, timeout=60, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "daemon")},
+    )  # fmt: skip
+
+
+def _usable_by_others() -> bool:
+    paths = [Path(sys.executable).resolve(), REPO / "daemon" / "otpgate" / "__init__.py"]
+    return all(os.access(p, os.R_OK) for p in paths) and all(
+        os.stat(parent).st_mode & 0o001 for p in paths for parent in p.parents
+    )
+
+
+def test_cli_as_ordinary_user_enrolls_itself(
+    public_login_daemon: Daemon, user: LocalUser, make_user: Callable[..., LocalUser]
+) -> None:
+    if not _usable_by_others():
+        pytest.skip("this checkout or its Python is not readable by other users")
+    other = make_user()
+    enrolled = _cli_as(
+        user, public_login_daemon, ["renew-secret", "--qr", "none"], f"{user.password}\n"
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    uri = enrolled.stdout.strip()
+    assert uri.startswith("otpauth://totp/") and f"{user.name}%40" in uri
+    refused = _cli_as(user, public_login_daemon, ["renew-secret", other.name], f"{user.password}\n")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("PermissionDenied:")
+    admin_only = _cli_as(user, public_login_daemon, ["config"], "")
+    assert admin_only.returncode == 2 and "needs admin rights" in admin_only.stderr
+    # Now 2FA is on and the user is enrolled: the CLI asks for the code too.
+    enable(public_login_daemon)
+    totp = pyotp.parse_uri(uri)
+    shown = _cli_as(
+        user, public_login_daemon, ["user", "show", "--json"], f"{user.password}\n{totp.now()}\n"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert '"twofactor_auth_configured": true' in shown.stdout
+    bad_codes = "".join(f"{(int(totp.now()) + i) % 10**6:06d}\n" for i in (1, 2, 3))
+    wrong = _cli_as(user, public_login_daemon, ["user", "show"], f"{user.password}\n{bad_codes}")
+    assert wrong.returncode == 2 and "login failed" in wrong.stderr
