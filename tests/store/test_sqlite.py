@@ -1,0 +1,110 @@
+"""The SQLite store: schema guard, validation on read, and no loss under SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from otpgate.core.crypto import Sealed
+from otpgate.errors import StoreError
+from otpgate.store.base import SecretRecord
+from otpgate.store.sqlite import SQLiteStore
+
+
+def _record(name: str, uid: int) -> SecretRecord:
+    return SecretRecord(name, uid, Sealed("k", b"n" * 12, b"c" * 48), 6, 30, 0)
+
+
+def test_wal_mode_and_private_rows(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "db"))
+    store.put_secret(_record("alice", 1000))
+    assert store.get_secret("alice") == _record("alice", 1000)
+    assert store._query("PRAGMA journal_mode")[0][0] == "wal"
+    store.close()
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    SQLiteStore(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        SQLiteStore(str(path))
+
+
+def test_tampered_settings_refused_on_read(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    SQLiteStore(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE settings SET value = ?", (json.dumps({"window": 1000}),))
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="window"):
+        SQLiteStore(str(path)).load_settings()
+
+
+def test_schema_checks_refuse_out_of_bounds_rows(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "db"))
+    bad = SecretRecord("x", 1, Sealed("k", b"n", b"c"), 9, 30, 0)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.put_secret(bad)
+    assert store.get_secret("x") is None
+
+
+def test_accept_step_is_compare_and_set(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "db"))
+    store.put_secret(_record("alice", 1000))
+    assert store.accept_step("alice", 1000, 10)
+    assert not store.accept_step("alice", 1000, 10)
+    assert not store.accept_step("alice", 1000, 9)
+    assert not store.accept_step("alice", 1001, 11)  # another uid
+    assert store.accept_step("alice", 1000, 11)
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from otpgate.core.crypto import Sealed
+    from otpgate.store.base import SecretRecord
+    from otpgate.store.sqlite import SQLiteStore
+    store = SQLiteStore(sys.argv[1])
+    store.put_secret(SecretRecord("steps", 1, Sealed("k", b"n" * 12, b"c" * 48), 6, 30, 0))
+    i = 0
+    while True:
+        i += 1
+        store.put_secret(SecretRecord(f"u{i}", i, Sealed("k", b"n" * 12, b"c" * 48), 6, 30, 0))
+        assert store.accept_step("steps", 1, i)
+        print(i, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [5, 40, 200])
+def test_sigkill_mid_write_loses_no_committed_change(tmp_path: Path, kill_after: int) -> None:
+    path = tmp_path / "db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    committed = 0
+    for line in child.stdout:
+        committed = int(line)
+        if committed >= kill_after:
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait()
+    store = SQLiteStore(str(path))
+    assert store._query("PRAGMA integrity_check")[0][0] == "ok"
+    names = {r.username for r in store.list_secrets()}
+    assert {f"u{i}" for i in range(1, committed + 1)} <= names
+    steps = store.get_secret("steps")
+    assert steps is not None and steps.last_step >= committed
