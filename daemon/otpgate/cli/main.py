@@ -21,8 +21,10 @@ from typing import Any
 import grpc
 
 from otpgate import __version__
-from otpgate.cli import doctor, qr
+from otpgate.cli import qr
 from otpgate.errors import ClientError, InvalidArgument, OtpgateError
+from otpgate.ssh import doctor
+from otpgate.ssh import setup as ssh_setup
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 
@@ -500,6 +502,56 @@ def _doctor_daemon(client: Client) -> list[str]:
     return problems
 
 
+def _lockout_risk(client: Client) -> str | None:
+    """Why enabling SSH wiring now could lock every administrator out, if it could."""
+    try:
+        config = client.call("GetConfig", pb.GetConfigRequest())
+        users = client.call("ListUsers", pb.ListUsersRequest()).users
+    except OtpgateError as exc:
+        return f"otpgated is not reachable ({exc}): with fail=secure every login would be refused"
+    if not (config.enabled and config.services.ssh):
+        return None
+    if config.enrollment_policy != pb.ENROLLMENT_POLICY_REQUIRED:
+        return None
+    admins, any_enrolled = doctor.unenrolled_admins((u.username for u in users), "otpgate-admin")
+    if any_enrolled:
+        return None
+    return (
+        f"2FA is required for SSH and no administrator ({', '.join(admins)}) is enrolled: "
+        "every admin would be locked out (otpgate renew-secret USER)"
+    )
+
+
+def cmd_setup_ssh(client: Client, args: argparse.Namespace) -> int:
+    paths = ssh_setup.Paths(
+        pam_dir=args.pam_dir,
+        sshd_config=args.sshd_config,
+        sshd_config_dir=args.sshd_config_dir
+        or os.path.join(os.path.dirname(args.sshd_config), "sshd_config.d"),
+        sshd=args.sshd,
+        backup_dir=args.backup_dir,
+    )
+    reload = ssh_setup.reload_sshd if args.reload else (lambda: "sshd not reloaded (--no-reload)")
+    if args.undo:
+        report = ssh_setup.undo(paths, dry_run=args.dry_run, reload=reload)
+    else:
+        if args.flow is None:
+            raise InvalidArgument("--flow", f"required: one of {', '.join(ssh_setup.FLOWS)}")
+        report = ssh_setup.setup(
+            args.flow,
+            paths,
+            hook=args.hook or ssh_setup.default_hook(),
+            hook_options=args.hook_options,
+            lockout_risk=_lockout_risk(client),
+            force=args.force,
+            dry_run=args.dry_run,
+            reload=reload,
+        )
+    for line in report:
+        print(line)
+    return EXIT_OK
+
+
 # -- argument parsing ------------------------------------------------------------------
 
 
@@ -582,6 +634,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--pam-service", help="PAM service of sshd (default: the binary's name)")
     check.add_argument(
         "--pam-dir", default="/etc/pam.d", help="PAM directory (default %(default)s)"
+    )
+    setup = commands.add_parser("setup", help="wire otpgate into a service")
+    setup_commands = setup.add_subparsers(dest="setup_command", metavar="SERVICE", required=True)
+    wire = setup_commands.add_parser(
+        "ssh",
+        parents=[common],
+        help="wire sshd to otpgate (backups, sshd -t, rollback on failure)",
+        description="Write the PAM and sshd drop-in wiring for one flow, check it with sshd -t "
+        "and doctor's checks, reload sshd; any failure restores the previous files.",
+    )
+    wire.set_defaults(handler=cmd_setup_ssh)
+    wire.add_argument(
+        "--flow", choices=ssh_setup.FLOWS, help="password, publickey or single-prompt"
+    )
+    wire.add_argument("--undo", action="store_true", help="restore the files as before setup")
+    wire.add_argument(
+        "--dry-run", action="store_true", help="show what would change; change nothing"
+    )
+    wire.add_argument("--force", action="store_true", help="proceed despite a lockout risk")
+    wire.add_argument("--hook", help="hook path (default: the installed one)")
+    wire.add_argument("--hook-options", default="", help="options for the hook, e.g. 'fail=safe'")
+    wire.add_argument("--no-reload", dest="reload", action="store_false", help="do not reload sshd")
+    wire.add_argument("--sshd", default="/usr/sbin/sshd", help="sshd binary (default %(default)s)")
+    wire.add_argument("--sshd-config", default="/etc/ssh/sshd_config", help="(default %(default)s)")
+    wire.add_argument("--sshd-config-dir", help="drop-in directory (default: beside sshd_config)")
+    wire.add_argument("--pam-dir", default="/etc/pam.d", help="(default %(default)s)")
+    wire.add_argument(
+        "--backup-dir", default="/var/lib/otpgate/setup-backup", help="(default %(default)s)"
     )
     user = commands.add_parser("user", help="show enrolled accounts")
     user_commands = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True)
