@@ -34,7 +34,7 @@ class Accounts:
         self.table: dict[str, Account] = {}
 
     def add(self, name: str, uid: int) -> Account:
-        account = Account(name, uid, uid, name.title(), f"/home/{name}", "/bin/sh", (uid,), True)
+        account = Account(name, uid, uid, name.title(), f"/home/{name}", "/bin/sh")
         self.table[name] = account
         return account
 

@@ -24,8 +24,19 @@ class Account:
     full_name: str
     home: str
     shell: str
-    groups: tuple[int, ...]
-    local: bool
+
+    # Looked up only when shown: verification needs the uid alone, and these cost
+    # more than the whole TOTP check.
+    @property
+    def groups(self) -> tuple[int, ...]:
+        try:
+            return tuple(sorted(set(os.getgrouplist(self.username, self.gid))))
+        except OSError:
+            return (self.gid,)
+
+    @property
+    def local(self) -> bool:
+        return _is_local(self.username)
 
     @property
     def api_id(self) -> int:
@@ -52,10 +63,6 @@ def lookup_account(username: str) -> Account | None:
         entry = pwd.getpwnam(username)
     except KeyError:
         return None
-    try:
-        groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
-    except OSError:
-        groups = (entry.pw_gid,)
     return Account(
         username=entry.pw_name,
         uid=entry.pw_uid,
@@ -63,8 +70,6 @@ def lookup_account(username: str) -> Account | None:
         full_name=entry.pw_gecos.split(",", 1)[0],
         home=entry.pw_dir,
         shell=entry.pw_shell,
-        groups=groups,
-        local=_is_local(entry.pw_name),
     )
 
 

@@ -85,11 +85,23 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
         self._lock = threading.Lock()
+        self._durable = True
+        self._settings: Settings | None = None
         self._migrate()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock.
+
+        durable=False (attempt counters, spent steps): synchronous=NORMAL, which in
+        WAL mode survives a crash or kill of the process but may lose the last
+        commits on power loss; it saves an fsync on every login. Secrets and
+        settings always wait for the disk.
+        """
         with self._lock:
+            if durable != self._durable:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -127,13 +139,19 @@ class SQLiteStore:
     # -- settings -------------------------------------------------------------------
 
     def load_settings(self) -> Settings:
+        # Every login reads the settings; this process is the database's only writer.
+        cached = self._settings
+        if cached is not None:
+            return cached
         rows = self._query("SELECT value FROM settings WHERE id = 1")
         if not rows:
             raise StoreError("database has no settings row")
         try:
-            return Settings.from_dict(json.loads(rows[0][0]))
+            settings = Settings.from_dict(json.loads(rows[0][0]))
         except (ValueError, InvalidArgument) as exc:
             raise StoreError(f"stored settings are invalid: {exc}") from None
+        self._settings = settings
+        return settings
 
     def save_settings(self, settings: Settings, *, audit: str) -> None:
         with self._transaction() as db:
@@ -141,6 +159,7 @@ class SQLiteStore:
                 "UPDATE settings SET value = ? WHERE id = 1", (json.dumps(settings.to_dict()),)
             )
             self._audit(db, "settings_updated", "", audit)
+            self._settings = None  # under the lock: the next read fetches the committed row
 
     # -- key check: proves at start that the loaded key is the database's -------------
 
@@ -214,7 +233,7 @@ class SQLiteStore:
         that reaches the threshold locks the account (each lockout in a row doubles
         the next, up to a day); an accepted code clears everything (accept_step).
         """
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             reached = "failures + 1 >= :threshold"
             cursor = db.execute(
                 f"""UPDATE secrets SET
@@ -243,7 +262,7 @@ class SQLiteStore:
 
     def accept_step(self, username: str, uid: int, step: int) -> bool:
         """Spend `step` and every earlier one; False if it (or a later one) was spent."""
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             cursor = db.execute(
                 """UPDATE secrets SET last_step = ?, failures = 0, lockouts = 0, locked_until = 0
                    WHERE username = ? AND uid = ? AND last_step < ?""",
