@@ -330,3 +330,18 @@ def test_sigterm_drains_in_flight_calls(
     assert isinstance(reply, pb.PamDecision)
     assert reply.verdict == pb.VERDICT_ALLOW  # pam_exec sleep succeeds: not enrolled, optional
     assert "stopping: draining" in d.log() and "stopped" in d.log()
+
+
+def test_second_daemon_on_the_same_sockets_refused(daemon: Daemon, make_daemon) -> None:  # type: ignore[no-untyped-def]
+    twin = make_daemon(root=daemon.root, start=False)
+    twin.log_path = daemon.root / "twin.log"
+    result = twin.run_to_exit()
+    assert result.returncode == 1 and "already serving" in result.stderr
+    assert daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=5).window == 0
+
+
+def test_stale_socket_from_a_crash_is_replaced(daemon: Daemon) -> None:
+    daemon.stop(signal.SIGKILL)
+    assert os.path.exists(daemon.admin_socket)
+    daemon.start()
+    assert daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=5).window == 0

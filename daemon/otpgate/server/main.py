@@ -6,6 +6,7 @@ import grp
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -81,7 +82,16 @@ def _remove_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise OtpgateError(f"{path} exists and is not a socket; refusing to replace it")
-    os.unlink(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over from a crash
+        return
+    finally:
+        probe.close()
+    raise OtpgateError(f"another otpgated is already serving {path}")
 
 
 def _prepare_dir(path: str, mode: int) -> None:
