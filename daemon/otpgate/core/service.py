@@ -215,18 +215,19 @@ class TwoFactorService:
         return outcome
 
     def _verify(self, account: Account, token: str) -> Verification:
-        record = self._record_for(account)
-        if record is None:
-            return Verification(VerifyResult.NOT_ENROLLED)
         settings = self._store.load_settings()
         now = self._clock()
-        if not self._store.reserve_attempt(
+        # Counting the attempt also fetches the secret: one statement on the login path.
+        record = self._store.reserve_attempt(
             account.username,
             account.uid,
             now=int(now),
             threshold=settings.lockout_threshold,
             lockout_seconds=settings.lockout_seconds,
-        ):
+        )
+        if record is None:
+            if self._record_for(account) is None:
+                return Verification(VerifyResult.NOT_ENROLLED)
             return self._locked(account)
         step = totp.matching_step(
             self._open(record).decode(),

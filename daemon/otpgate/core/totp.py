@@ -31,7 +31,7 @@ def matching_step(
     secret: str, token: str, *, now: float, interval: int, digits: int, window: int
 ) -> int | None:
     """The time step whose code equals `token`, within `window` steps of now, else None."""
-    totp = pyotp.TOTP(secret, digits=digits, interval=interval)
+    totp = _DecodedTOTP(secret, digits=digits, interval=interval)
     current = time_step(now, interval)
     candidate = token.encode() if len(token) == digits else b"\0" * digits
     matched: int | None = None
@@ -42,6 +42,19 @@ def matching_step(
         if hmac.compare_digest(expected, candidate) and matched is None:
             matched = step
     return matched if len(token) == digits else None
+
+
+class _DecodedTOTP(pyotp.TOTP):
+    """pyotp decodes the base32 secret for every code; decode it once per check."""
+
+    _key: bytes | None = None
+
+    def __init__(self, secret: str, *, digits: int, interval: int) -> None:
+        super().__init__(secret, digits=digits, interval=interval)
+        self._key = super().byte_secret()
+
+    def byte_secret(self) -> bytes:
+        return self._key if self._key is not None else super().byte_secret()
 
 
 def new_secret() -> str:

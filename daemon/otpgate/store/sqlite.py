@@ -90,18 +90,18 @@ class SQLiteStore:
         self._migrate()
 
     @contextmanager
-    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One transaction under the lock.
 
-        durable=False (attempt counters, spent steps): synchronous=NORMAL, which in
-        WAL mode survives a crash or kill of the process but may lose the last
-        commits on power loss; it saves an fsync on every login. Secrets and
-        settings always wait for the disk.
+        Secrets and settings wait for the disk (synchronous=FULL). Attempt counters
+        and spent steps (see _statement) use synchronous=NORMAL, which in WAL mode
+        survives a crash or kill of the process but may lose the last commits on
+        power loss; it saves an fsync on every login.
         """
         with self._lock:
-            if durable != self._durable:
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
+            if not self._durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._durable = True
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -109,6 +109,16 @@ class SQLiteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def _statement(self) -> Iterator[sqlite3.Connection]:
+        """Single-statement writes on the login path: atomic on their own (autocommit),
+        so no BEGIN/COMMIT round trips; synchronous=NORMAL as for durable=False."""
+        with self._lock:
+            if self._durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._durable = False
+            yield self._db
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -226,14 +236,15 @@ class SQLiteStore:
 
     def reserve_attempt(
         self, username: str, uid: int, *, now: int, threshold: int, lockout_seconds: int
-    ) -> bool:
-        """Count one attempt before its code is checked; False while locked.
+    ) -> SecretRecord | None:
+        """Count one attempt before its code is checked; the secret, or None while
+        locked (or when the account, with this uid, has none).
 
         Counting first keeps the limit exact under concurrent guesses. The attempt
         that reaches the threshold locks the account (each lockout in a row doubles
         the next, up to a day); an accepted code clears everything (accept_step).
         """
-        with self._transaction(durable=False) as db:
+        with self._statement() as db:
             reached = "failures + 1 >= :threshold"
             cursor = db.execute(
                 f"""UPDATE secrets SET
@@ -242,8 +253,9 @@ class SQLiteStore:
                     locked_until = CASE WHEN {reached}
                         THEN :now + MIN(:base * (1 << MIN(lockouts, 16)), :max)
                         ELSE locked_until END
-                WHERE username = :user AND uid = :uid AND locked_until <= :now
-                RETURNING failures = 0 AND locked_until > :now""",
+                WHERE username = :user AND uid = :uid AND status = 'active'
+                    AND locked_until <= :now
+                RETURNING {_SECRET_COLUMNS}, failures = 0 AND locked_until > :now""",
                 {
                     "threshold": threshold,
                     "now": now,
@@ -254,15 +266,16 @@ class SQLiteStore:
                 },
             )
             row = cursor.fetchone()
+            cursor.close()
             if row is None:
-                return False
-            if row[0]:
+                return None
+            if row[-1]:
                 self._audit(db, "locked", username, f"threshold={threshold}")
-            return True
+            return _record(row[:-1])
 
     def accept_step(self, username: str, uid: int, step: int) -> bool:
         """Spend `step` and every earlier one; False if it (or a later one) was spent."""
-        with self._transaction(durable=False) as db:
+        with self._statement() as db:
             cursor = db.execute(
                 """UPDATE secrets SET last_step = ?, failures = 0, lockouts = 0, locked_until = 0
                    WHERE username = ? AND uid = ? AND last_step < ?""",
