@@ -22,7 +22,7 @@ from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-HOOK = REPO / "pam_hook" / "otpgate_pam_hook.py"
+HOOK = REPO / "pam_hook" / "otpgate-pam-hook"
 
 
 @dataclasses.dataclass

@@ -31,10 +31,11 @@ ln -sf "$prefix/bin/otpgate" /usr/local/bin/otpgate
 ln -sf "$prefix/bin/otpgated" /usr/local/sbin/otpgated
 
 # The hook runs under the system Python on every login: root-owned, not writable by others.
+# Precompiled, so that logins do not pay for compiling it.
 install -d -m 0755 /usr/local/lib/otpgate
-if [ -f "$repo/pam_hook/otpgate_pam_hook.py" ]; then
-  install -m 0755 -o root -g root "$repo/pam_hook/otpgate_pam_hook.py" /usr/local/lib/otpgate/otpgate-pam-hook
-fi
+install -m 0755 -o root -g root "$repo/pam_hook/otpgate-pam-hook" /usr/local/lib/otpgate/otpgate-pam-hook
+install -m 0644 -o root -g root "$repo/pam_hook/otpgate_pam_hook.py" /usr/local/lib/otpgate/otpgate_pam_hook.py
+/usr/bin/python3 -I -m py_compile /usr/local/lib/otpgate/otpgate_pam_hook.py
 # otpgated's own PAM service, for password checks; sshd's files are not touched.
 [ -e /etc/pam.d/otpgate ] || install -m 0644 "$repo/packaging/pam.d/otpgate" /etc/pam.d/otpgate
 getent group otpgate-admin >/dev/null || groupadd --system otpgate-admin

@@ -12,9 +12,11 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import pytest
 from tests.conftest import REPO, Daemon
 
 SSHD = "/usr/sbin/sshd"
-HOOK = REPO / "pam_hook" / "otpgate_pam_hook.py"
+HOOK = REPO / "pam_hook" / "otpgate-pam-hook"
 PACKAGING = REPO / "packaging"
 _HOOK_CALL = re.compile(r"(/usr/bin/python3 -I -S )/usr/local/lib/otpgate/otpgate-pam-hook (\S+)")
 
@@ -62,12 +64,17 @@ class Sshd:
     def log_path(self) -> Path:
         return self.root / "sshd.log"
 
+    # sshd reads authorized keys as the user: they must live where users can look.
+    keys_dir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="otpgate-test-keys-"))
+    )
+
     def authorized_keys(self, user: str) -> Path:
-        return self.root / "keys" / user
+        return self.keys_dir / user
 
     def start(self) -> Sshd:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-        (self.root / "keys").mkdir(exist_ok=True)
+        self.keys_dir.chmod(0o755)
         hostkey = self.root / "hostkey"
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)], check=True
@@ -81,7 +88,7 @@ Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {hostkey}
 PidFile {self.root}/sshd.pid
-AuthorizedKeysFile {self.root}/keys/%u
+AuthorizedKeysFile {self.keys_dir}/%u
 StrictModes no
 PubkeyAuthentication yes
 MaxAuthTries 10
@@ -121,6 +128,7 @@ LogLevel VERBOSE
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=10)
         self.pam_file.unlink(missing_ok=True)
+        shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 
 @pytest.fixture

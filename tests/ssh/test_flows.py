@@ -195,6 +195,7 @@ def _authorize_key(sshd: Sshd, user: LocalUser) -> paramiko.Ed25519Key:
     keyfile = sshd.root / f"id_{user.name}"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keyfile)], check=True)
     sshd.authorized_keys(user.name).write_text(Path(f"{keyfile}.pub").read_text())
+    sshd.authorized_keys(user.name).chmod(0o644)
     return paramiko.Ed25519Key.from_private_key_file(str(keyfile))
 
 
@@ -287,4 +288,5 @@ def test_openssh_client_password_then_code(
     )  # fmt: skip
     assert result.stdout.strip() == "otpgate-ok", (result.stderr, sshd.log_path.read_text())
     assert time.monotonic() - started < 30
-    assert len((tmp_path / "prompts").read_text().splitlines()) == 2
+    assert (tmp_path / "count").read_text().strip() == "2"  # asked twice: password, then code
+    assert "Verification code" in (tmp_path / "prompts").read_text()

@@ -15,7 +15,7 @@ from otpgate.ssh import doctor
 from otpgate.ssh import setup as ssh_setup
 from tests.conftest import REPO, Daemon
 
-HOOK = str(REPO / "pam_hook" / "otpgate_pam_hook.py")
+HOOK = str(REPO / "pam_hook" / "otpgate-pam-hook")
 DEBIAN_SSHD_PAM = """\
 # PAM configuration for the Secure Shell service
 @include common-auth
@@ -32,8 +32,9 @@ def paths(tmp_path: Path) -> ssh_setup.Paths:
     pam_dir.mkdir()
     name = "sshd-otpgate-setup-test"
     (pam_dir / name).write_text(DEBIAN_SSHD_PAM)
-    for common in ("common-auth", "common-account", "common-password"):
-        (pam_dir / common).write_text("auth required pam_unix.so\nauth required pam_permit.so\n")
+    (pam_dir / "common-auth").write_text("auth required pam_unix.so\nauth required pam_permit.so\n")
+    (pam_dir / "common-account").write_text("account required pam_unix.so\n")
+    (pam_dir / "common-password").write_text("password required pam_unix.so\n")
     ssh_dir = tmp_path / "ssh"
     (ssh_dir / "sshd_config.d").mkdir(parents=True)
     subprocess.run(

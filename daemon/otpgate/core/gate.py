@@ -19,6 +19,8 @@ from otpgate.errors import InvalidArgument, NotFound
 
 log = logging.getLogger("otpgated")
 
+# pam_exec can only prompt "Password: ": this line, shown just before, says what to type.
+CODE_PROMPT = "Verification code from your authenticator app (type it at the next prompt):"
 ENROLL_HINT = (
     "This account needs a one-time code but has none set up: run `otpgate renew-secret` "
     "from a session you can still open, or ask an administrator."
@@ -72,14 +74,14 @@ class Gate:
         try:
             view = self._service.get_user(username)
         except (NotFound, InvalidArgument):
-            return Decision(Verdict.OTP_REQUIRED)
+            return Decision(Verdict.OTP_REQUIRED, CODE_PROMPT)
         if view.record is None:
             if settings.enrollment_policy is EnrollmentPolicy.OPTIONAL:
                 return Decision(Verdict.NOT_REQUIRED)
             return Decision(Verdict.NOT_ENROLLED, ENROLL_HINT)
         if view.locked_seconds:
             return _locked(view.locked_seconds)
-        return Decision(Verdict.OTP_REQUIRED)
+        return Decision(Verdict.OTP_REQUIRED, CODE_PROMPT)
 
     def verify(self, username: str, pam_service: str, token: str) -> Decision:
         settings = self._service.get_config()

@@ -1,0 +1,612 @@
+"""otpgate-pam-hook: asks otpgated, through pam.sock, whether a login may pass.
+
+Run by pam_exec as `/usr/bin/python3 -I -S otpgate-pam-hook MODE [OPTION=VALUE...]`.
+Standard library only, and no heavy imports: it runs as root on every login and
+must start in milliseconds, also where only the system Python is sane.
+
+It speaks just enough gRPC (HTTP/2 with prior knowledge over a Unix socket, HPACK,
+one unary call) to ask one question, and denies on anything it does not fully
+understand. Exit 0 lets PAM continue with success; 1 denies.
+
+Modes:  check              0 when the account needs no code for this service now
+        verify             0 when the code on stdin (expose_authtok) is right
+        single-prompt      0 when stdin holds the password immediately followed by the code
+        first-factor-done  0 when sshd reports a passed first factor (SSH_AUTH_INFO_0)
+Options: socket=PATH (absolute; default /run/otpgate/pam.sock)
+         timeout=SECONDS (0.1..30; default 3)
+         fail=secure|safe (what a daemon failure means: deny, or allow and log it)
+"""
+
+from __future__ import annotations
+
+# Built-in modules only: `socket` imports selectors and enum (5 ms per login), and
+# `os` alone costs more than a millisecond when Python starts with -S.
+import _socket
+import posix
+import sys
+import time
+
+TYPE_CHECKING = False  # typing and collections.abc cost milliseconds at every start
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import BinaryIO, TextIO
+
+EXIT_ALLOW, EXIT_DENY = 0, 1
+MODES = ("check", "verify", "single-prompt", "first-factor-done")
+_RPC = {"check": "Check", "verify": "Verify", "single-prompt": "VerifySinglePrompt"}
+DEFAULT_SOCKET = "/run/otpgate/pam.sock"
+MAX_AUTHTOK = 1024
+MAX_MESSAGE = 16 * 1024  # a PamDecision is tens of bytes; anything near this is wrong
+MAX_FRAME = 16384  # HTTP/2's default SETTINGS_MAX_FRAME_SIZE, which we never raise
+MAX_HEADER_BLOCK = 16384
+
+# Verdict numbers of otpgate.v1.Verdict.
+ALLOW, DENY, NOT_REQUIRED, OTP_REQUIRED, LOCKED, NOT_ENROLLED = 1, 2, 3, 4, 5, 6
+_VERDICT_NAMES = {
+    ALLOW: "allow",
+    DENY: "deny",
+    NOT_REQUIRED: "not_required",
+    OTP_REQUIRED: "otp_required",
+    LOCKED: "locked",
+    NOT_ENROLLED: "not_enrolled",
+}
+
+
+class DaemonFailure(Exception):
+    """The daemon could not give a verdict: unreachable, slow, failing or garbled."""
+
+
+class UsageError(Exception):
+    """The PAM line or the environment is wrong: always deny."""
+
+
+# -- protobuf: PamRequest out, PamDecision in ----------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_request(username: str, service: str, rhost: str, authtok: str) -> bytes:
+    out = bytearray()
+    for number, text in ((1, username), (2, service), (3, rhost), (4, authtok)):
+        if text:
+            data = text.encode("utf-8", "surrogateescape")
+            out += _varint(number << 3 | 2) + _varint(len(data)) + data
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise DaemonFailure("malformed protobuf varint")
+
+
+def decode_decision(data: bytes) -> tuple[int, str, int]:
+    """(verdict, message, retry_after_seconds) of a PamDecision."""
+    verdict, message, retry = 0, "", 0
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+            if number == 1:
+                verdict = value
+            elif number == 3:
+                retry = value
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            if pos + length > len(data):
+                raise DaemonFailure("truncated protobuf field")
+            if number == 2:
+                message = data[pos : pos + length].decode("utf-8", "replace")
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > len(data):
+                raise DaemonFailure("truncated protobuf field")
+        else:
+            raise DaemonFailure(f"unsupported protobuf wire type {wire}")
+        if number == 0:
+            raise DaemonFailure("protobuf field number 0")
+    return verdict, message, retry
+
+
+# -- HPACK (RFC 7541) ---------------------------------------------------------------------
+
+_STATIC = [
+    (":authority", ""), (":method", "GET"), (":method", "POST"), (":path", "/"),
+    (":path", "/index.html"), (":scheme", "http"), (":scheme", "https"), (":status", "200"),
+    (":status", "204"), (":status", "206"), (":status", "304"), (":status", "400"),
+    (":status", "404"), (":status", "500"), ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"), ("accept-language", ""), ("accept-ranges", ""),
+    ("accept", ""), ("access-control-allow-origin", ""), ("age", ""), ("allow", ""),
+    ("authorization", ""), ("cache-control", ""), ("content-disposition", ""),
+    ("content-encoding", ""), ("content-language", ""), ("content-length", ""),
+    ("content-location", ""), ("content-range", ""), ("content-type", ""), ("cookie", ""),
+    ("date", ""), ("etag", ""), ("expect", ""), ("expires", ""), ("from", ""), ("host", ""),
+    ("if-match", ""), ("if-modified-since", ""), ("if-none-match", ""), ("if-range", ""),
+    ("if-unmodified-since", ""), ("last-modified", ""), ("link", ""), ("location", ""),
+    ("max-forwards", ""), ("proxy-authenticate", ""), ("proxy-authorization", ""),
+    ("range", ""), ("referer", ""), ("refresh", ""), ("retry-after", ""), ("server", ""),
+    ("set-cookie", ""), ("strict-transport-security", ""), ("transfer-encoding", ""),
+    ("user-agent", ""), ("vary", ""), ("via", ""), ("www-authenticate", ""),
+]  # fmt: skip
+
+# The HPACK Huffman code (RFC 7541 Appendix B) is canonical, so the code length of
+# each of the 257 symbols (chr(48 + length), symbol 256 is EOS) defines it entirely.
+_HUFFMAN_LENGTHS = (
+    "=GLLLLLLLHNLLNLLLLLLLLNLLLLLLLLL6::<=68;::8;8666555666666678?6<:=67777777777777777777777"
+    "878=C=>6?56565666577666567655677777?;>=LDFDDFFFGFGGGGGHGHHFGHGGGGEFGFGGHFEDFFGGEGFFHEFGG"
+    "EEFEGFGGDFFFGFFGJJDCFGFIJJJKKJHICEJKKJKHEEJJLKKKDHDEFEEGFFIIHHJGJKJJKKKKKLKKKKKJN"
+)
+_huffman_decode_table: dict[tuple[int, int], int] | None = None
+
+
+def _huffman_table() -> dict[tuple[int, int], int]:
+    """(code length, code) -> symbol, built on first use (only Huffman strings need it)."""
+    global _huffman_decode_table
+    if _huffman_decode_table is None:
+        lengths = [ord(c) - 48 for c in _HUFFMAN_LENGTHS]
+        table: dict[tuple[int, int], int] = {}
+        order = sorted(range(257), key=lambda s: (lengths[s], s))
+        code, previous = -1, lengths[order[0]]
+        for symbol in order:
+            code = (code + 1) << (lengths[symbol] - previous)
+            previous = lengths[symbol]
+            table[(previous, code)] = symbol
+        _huffman_decode_table = table
+    return _huffman_decode_table
+
+
+def huffman_decode(data: bytes) -> bytes:
+    table = _huffman_table()
+    out = bytearray()
+    code = length = 0
+    for byte in data:
+        for shift in range(7, -1, -1):
+            code = code << 1 | (byte >> shift) & 1
+            length += 1
+            symbol = table.get((length, code))
+            if symbol is not None:
+                if symbol == 256:
+                    raise DaemonFailure("HPACK Huffman string contains EOS")
+                out.append(symbol)
+                code = length = 0
+            elif length > 30:
+                raise DaemonFailure("invalid HPACK Huffman code")
+    # What is left must be a prefix of EOS (all ones), shorter than a byte.
+    if length > 7 or code != (1 << length) - 1:
+        raise DaemonFailure("invalid HPACK Huffman padding")
+    return bytes(out)
+
+
+class HpackDecoder:
+    def __init__(self, max_size: int = 4096) -> None:
+        self.max_size = max_size
+        self.size = max_size
+        self.dynamic: list[tuple[str, str]] = []
+
+    def _entry(self, index: int) -> tuple[str, str]:
+        if 1 <= index <= len(_STATIC):
+            return _STATIC[index - 1]
+        position = index - len(_STATIC) - 1
+        if 0 <= position < len(self.dynamic):
+            return self.dynamic[position]
+        raise DaemonFailure(f"HPACK index {index} out of range")
+
+    def _add(self, name: str, value: str) -> None:
+        self.dynamic.insert(0, (name, value))
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.dynamic and sum(len(n) + len(v) + 32 for n, v in self.dynamic) > self.size:
+            self.dynamic.pop()
+
+    @staticmethod
+    def _integer(data: bytes, pos: int, prefix: int) -> tuple[int, int]:
+        if pos >= len(data):
+            raise DaemonFailure("truncated HPACK integer")
+        limit = (1 << prefix) - 1
+        value = data[pos] & limit
+        pos += 1
+        if value < limit:
+            return value, pos
+        shift = 0
+        while True:
+            if pos >= len(data) or shift > 28:
+                raise DaemonFailure("malformed HPACK integer")
+            byte = data[pos]
+            pos += 1
+            value += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value, pos
+
+    def _string(self, data: bytes, pos: int) -> tuple[str, int]:
+        if pos >= len(data):
+            raise DaemonFailure("truncated HPACK string")
+        huffman = bool(data[pos] & 0x80)
+        length, pos = self._integer(data, pos, 7)
+        if pos + length > len(data):
+            raise DaemonFailure("truncated HPACK string")
+        raw = data[pos : pos + length]
+        text = huffman_decode(raw) if huffman else raw
+        return text.decode("utf-8", "replace"), pos + length
+
+    def decode(self, block: bytes) -> list[tuple[str, str]]:
+        headers: list[tuple[str, str]] = []
+        pos = 0
+        while pos < len(block):
+            first = block[pos]
+            if first & 0x80:  # indexed field
+                index, pos = self._integer(block, pos, 7)
+                headers.append(self._entry(index))
+                continue
+            if first & 0xE0 == 0x20:  # dynamic table size update
+                size, pos = self._integer(block, pos, 5)
+                if size > self.max_size:
+                    raise DaemonFailure("HPACK table size above the agreed maximum")
+                self.size = size
+                self._evict()
+                continue
+            indexing = bool(first & 0x40)
+            index, pos = self._integer(block, pos, 6 if indexing else 4)
+            if index:
+                name = self._entry(index)[0]
+            else:
+                name, pos = self._string(block, pos)
+            value, pos = self._string(block, pos)
+            if indexing:
+                self._add(name, value)
+            headers.append((name, value))
+        return headers
+
+
+def _literal(name: str | int, value: str) -> bytes:
+    """A header field without indexing, never Huffman-coded (RFC 7541 6.2.2)."""
+    encoded = value.encode("ascii")
+    if isinstance(name, int):  # index of a static-table name; all ours are below 15
+        head = bytes([name])
+    else:
+        raw = name.encode("ascii")
+        head = b"\x00" + _hpack_length(len(raw)) + raw
+    return head + _hpack_length(len(encoded)) + encoded
+
+
+def _hpack_length(value: int) -> bytes:
+    if value < 127:
+        return bytes([value])
+    out = bytearray([127])
+    value -= 127
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# -- HTTP/2 (RFC 9113), one unary gRPC call --------------------------------------------------
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0, 1, 3, 4, 5, 6, 7, 8, 9,
+)  # fmt: skip
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+STREAM = 1
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+class Connection:
+    def __init__(self, path: str, deadline: float) -> None:
+        self.deadline = deadline
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.buffer = b""
+        self._timeout()
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise DaemonFailure(f"cannot connect to {path}: {exc.strerror or exc}") from None
+
+    def _timeout(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DaemonFailure("timed out")
+        self.sock.settimeout(remaining)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._timeout()
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise DaemonFailure(f"send failed: {exc.strerror or exc}") from None
+
+    def _recv_exact(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            try:
+                self._timeout()
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise DaemonFailure("timed out") from None
+            except OSError as exc:
+                raise DaemonFailure(f"receive failed: {exc.strerror or exc}") from None
+            if not chunk:
+                raise DaemonFailure("connection closed before the reply was complete")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def read_frame(self) -> tuple[int, int, int, bytes]:
+        head = self._recv_exact(9)
+        length = int.from_bytes(head[:3], "big")
+        if length > MAX_FRAME:
+            raise DaemonFailure("HTTP/2 frame larger than allowed")
+        kind, flags = head[3], head[4]
+        stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+        return kind, flags, stream, self._recv_exact(length)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _unpad(flags: int, payload: bytes) -> bytes:
+    if flags & PADDED:
+        if not payload or payload[0] >= len(payload):
+            raise DaemonFailure("bad HTTP/2 padding")
+        payload = payload[1 : len(payload) - payload[0]]
+    return payload
+
+
+def unary_call(path: str, method: str, request: bytes, deadline: float) -> bytes:
+    """Send one gRPC request; the reply message bytes, or DaemonFailure."""
+    connection = Connection(path, deadline)
+    try:
+        return _exchange(connection, method, request)
+    finally:
+        connection.close()
+
+
+def _exchange(connection: Connection, method: str, request: bytes) -> bytes:
+    headers = (
+        b"\x83\x86"  # :method POST, :scheme http (static table)
+        + _literal(4, f"/otpgate.v1.PamGate/{method}")
+        + _literal(1, "localhost")
+        + _literal("content-type", "application/grpc")
+        + _literal("te", "trailers")
+    )
+    body = b"\x00" + len(request).to_bytes(4, "big") + request
+    connection.send(
+        _PREFACE
+        + _frame(SETTINGS, 0, 0, b"\x00\x02\x00\x00\x00\x00")  # ENABLE_PUSH = 0
+        + _frame(HEADERS, END_HEADERS, STREAM, headers)
+        + _frame(DATA, END_STREAM, STREAM, body)
+    )
+    decoder = HpackDecoder()
+    blocks: list[list[tuple[str, str]]] = []
+    pending: bytes | None = None  # a header block waiting for CONTINUATION frames
+    pending_end = False
+    data = b""
+    while True:
+        kind, flags, stream, payload = connection.read_frame()
+        if pending is not None and kind != CONTINUATION:
+            raise DaemonFailure("HTTP/2 header block interrupted")
+        if kind == SETTINGS:
+            if stream != 0:
+                raise DaemonFailure("SETTINGS on a stream")
+            if not flags & ACK:
+                connection.send(_frame(SETTINGS, ACK, 0, b""))
+        elif kind == PING:
+            if not flags & ACK:
+                connection.send(_frame(PING, ACK, 0, payload))
+        elif kind == WINDOW_UPDATE:
+            pass
+        elif kind == GOAWAY:
+            raise DaemonFailure("the daemon closed the connection (GOAWAY)")
+        elif kind == RST_STREAM and stream == STREAM:
+            raise DaemonFailure("the daemon reset the call")
+        elif stream != STREAM:
+            raise DaemonFailure(f"unexpected HTTP/2 frame {kind} on stream {stream}")
+        elif kind == HEADERS:
+            payload = _unpad(flags, payload)
+            if flags & PRIORITY:
+                payload = payload[5:]
+            pending_end = bool(flags & END_STREAM)
+            pending = payload
+            if flags & END_HEADERS:
+                blocks.append(decoder.decode(pending))
+                pending = None
+        elif kind == CONTINUATION:
+            if pending is None:
+                raise DaemonFailure("CONTINUATION without HEADERS")
+            pending += payload
+            if len(pending) > MAX_HEADER_BLOCK:
+                raise DaemonFailure("header block too large")
+            if flags & END_HEADERS:
+                blocks.append(decoder.decode(pending))
+                pending = None
+        elif kind == DATA:
+            data += _unpad(flags, payload)
+            if len(data) > MAX_MESSAGE + 5:
+                raise DaemonFailure("reply too large")
+            if flags & END_STREAM:
+                raise DaemonFailure("reply ended without gRPC trailers")
+        else:
+            raise DaemonFailure(f"unexpected HTTP/2 frame type {kind}")
+        if pending is None and pending_end and blocks:
+            return _grpc_reply(blocks, data)
+
+
+def _grpc_reply(blocks: list[list[tuple[str, str]]], data: bytes) -> bytes:
+    first, trailers = dict(blocks[0]), dict(blocks[-1])
+    if first.get(":status") != "200":
+        raise DaemonFailure(f"HTTP status {first.get(':status')}")
+    if not first.get("content-type", "").startswith("application/grpc"):
+        raise DaemonFailure("reply is not gRPC")
+    if len(blocks) > 2:
+        raise DaemonFailure("unexpected extra header blocks")
+    status = trailers.get("grpc-status")
+    if status is None:
+        raise DaemonFailure("reply without grpc-status")
+    if status != "0":
+        message = trailers.get("grpc-message", "")
+        raise DaemonFailure(f"daemon error (grpc-status {status}): {message[:200]}")
+    if len(blocks) == 1:
+        raise DaemonFailure("OK status without a reply message")
+    if len(data) < 5 or data[0] != 0:
+        raise DaemonFailure("missing or compressed gRPC message")
+    length = int.from_bytes(data[1:5], "big")
+    if length != len(data) - 5:
+        raise DaemonFailure("gRPC message length does not match")
+    return data[5:]
+
+
+# -- the hook ---------------------------------------------------------------------------------
+
+
+class Options:
+    """The PAM line's arguments: a mode, then OPTION=VALUE words. Unknown ones are errors."""
+
+    def __init__(self, argv: list[str]) -> None:
+        if not argv or argv[0] not in MODES:
+            raise UsageError(f"first argument must be a mode: {', '.join(MODES)}")
+        self.mode = argv[0]
+        self.socket = DEFAULT_SOCKET
+        self.timeout = 3.0
+        self.fail_safe = False
+        seen: set[str] = set()
+        for word in argv[1:]:
+            key, sep, value = word.partition("=")
+            if not sep or key in seen:
+                raise UsageError(f"bad or repeated option {word!r}")
+            seen.add(key)
+            if key == "socket":
+                if not value.startswith("/"):
+                    raise UsageError("socket= must be an absolute path")
+                self.socket = value
+            elif key == "timeout":
+                try:
+                    self.timeout = float(value)
+                except ValueError:
+                    raise UsageError("timeout= must be a number of seconds") from None
+                if not 0.1 <= self.timeout <= 30:
+                    raise UsageError("timeout= must be from 0.1 to 30 seconds")
+            elif key == "fail":
+                if value not in ("secure", "safe"):
+                    raise UsageError("fail= must be secure or safe")
+                self.fail_safe = value == "safe"
+            else:
+                raise UsageError(f"unknown option {key!r}")
+
+
+def _pam_item(env: Mapping[str, str], name: str, *, required: bool) -> str:
+    value = env.get(name, "")
+    if required and not value:
+        raise UsageError(f"{name} is not set (is this run by pam_exec?)")
+    if len(value) > 256 or not value.isprintable() or "/" in value:
+        raise UsageError(f"{name} is not a plausible value")
+    return value
+
+
+def _read_authtok(stdin: BinaryIO) -> str:
+    data = stdin.read(MAX_AUTHTOK + 2)
+    if len(data) > MAX_AUTHTOK + 1:
+        raise UsageError("the token on stdin is too long")
+    if data.endswith((b"\0", b"\n")):
+        data = data[:-1]
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _say(out: TextIO, message: str) -> None:
+    text = "".join(c for c in message[:512] if c.isprintable())
+    if text:
+        print(text, file=out, flush=True)
+
+
+LOG_ERR, LOG_WARNING, LOG_NOTICE = 3, 4, 5
+
+
+def _log(priority: int, text: str) -> None:
+    import syslog  # only when there is something to say
+
+    syslog.openlog("otpgate-pam-hook", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    syslog.syslog(priority, text)
+
+
+def run(argv: list[str], env: Mapping[str, str], stdin: BinaryIO, out: TextIO) -> int:
+    try:
+        options = Options(argv)
+        if env.get("PAM_TYPE") != "auth":
+            raise UsageError(f"PAM_TYPE is {env.get('PAM_TYPE')!r}; only auth is supported")
+        if options.mode == "first-factor-done":
+            # sshd lists the methods already passed; empty in a first round.
+            return EXIT_ALLOW if env.get("SSH_AUTH_INFO_0", "").strip() else EXIT_DENY
+        user = _pam_item(env, "PAM_USER", required=True)
+        service = _pam_item(env, "PAM_SERVICE", required=True)
+        rhost = _pam_item(env, "PAM_RHOST", required=False)
+        authtok = _read_authtok(stdin) if options.mode != "check" else ""
+    except UsageError as exc:
+        _log(LOG_ERR, f"denied: {exc}")
+        return EXIT_DENY
+    deadline = time.monotonic() + options.timeout
+    where = f"user={user} service={service} mode={options.mode}"
+    try:
+        reply = unary_call(
+            options.socket,
+            _RPC[options.mode],
+            encode_request(user, service, rhost, authtok),
+            deadline,
+        )
+        verdict, message, _retry = decode_decision(reply)
+    except DaemonFailure as exc:
+        if options.fail_safe:
+            _log(LOG_WARNING, f"allowed by fail=safe: {where}: {exc}")
+            return EXIT_ALLOW
+        _log(LOG_ERR, f"denied, daemon failed: {where}: {exc}")
+        return EXIT_DENY
+    _say(out, message)
+    wanted = NOT_REQUIRED if options.mode == "check" else ALLOW
+    name = _VERDICT_NAMES.get(verdict, f"unknown({verdict})")
+    if verdict == wanted:
+        return EXIT_ALLOW
+    if verdict not in (OTP_REQUIRED, NOT_REQUIRED):
+        _log(LOG_NOTICE, f"{where} verdict={name}")
+    return EXIT_DENY
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        env = {
+            k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+            for k, v in posix.environ.items()
+        }
+        return run(sys.argv[1:] if argv is None else argv, env, sys.stdin.buffer, sys.stdout)
+    except Exception as exc:  # a bug here must deny, whatever the fail mode, and say little
+        try:
+            _log(LOG_ERR, f"denied, internal error: {type(exc).__name__}")
+        finally:
+            return EXIT_DENY  # noqa: B012
+
+
+if __name__ == "__main__":
+    sys.exit(main())
