@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import lib
 
-SECTIONS = ("throughput",)
+SECTIONS = ("hook_latency", "throughput")
 
 
 def main(argv: list[str] | None = None) -> int:
