@@ -22,6 +22,7 @@ from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.service import TwoFactorService
 from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
+from otpgate.server import sdnotify
 from otpgate.server.admin import AdminServicer
 from otpgate.server.keys import load_keyring
 from otpgate.server.pam import PamServicer
@@ -153,8 +154,16 @@ def run(config: daemon_config.DaemonConfig) -> int:
             config.database,
             keyring.primary_id,
         )
+        sdnotify.notify("READY=1")
+        interval = sdnotify.watchdog_interval()
+        watchdog = sdnotify.Watchdog(interval, store.healthy) if interval else None
+        if watchdog:
+            watchdog.start()
         while not stopping.wait(3600):
             pass
+        sdnotify.notify("STOPPING=1")
+        if watchdog:
+            watchdog.stop()
         log.info("stopping: draining in-flight calls for up to %.0fs", config.shutdown_grace)
         done = [s.stop(config.shutdown_grace) for s in (admin, user, pam)]
         for event in done:

@@ -305,6 +305,18 @@ class SQLiteStore:
                 (now, event, username, detail),
             )
 
+    def healthy(self) -> bool:
+        """The database answers (the watchdog's question); False if it is stuck or gone."""
+        if not self._lock.acquire(timeout=5):
+            return False
+        try:
+            self._db.execute("SELECT 1 FROM settings WHERE id = 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
