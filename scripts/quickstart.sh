@@ -24,9 +24,14 @@ if [ "$(readlink -f "$prefix/bin/python" 2>/dev/null)" != "$(readlink -f "$pytho
   "$python" -m venv --clear "$prefix"
 fi
 "$prefix/bin/pip" install -q --upgrade pip >/dev/null
-"$prefix/bin/pip" install -q "$repo"
-# Same version number, newer code: reinstall the package itself every time.
-"$prefix/bin/pip" install -q --no-deps --force-reinstall "$repo"
+# From a clean copy (a stale build/ in the checkout would leak old modules); same
+# version number, newer code: reinstall the package itself every time.
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+tar -C "$repo" --exclude=./build --exclude=./dist --exclude='./.venv*' --exclude='*.egg-info' \
+  --exclude=.git -cf - . | tar -C "$src" -xf -
+"$prefix/bin/pip" install -q "$src"
+"$prefix/bin/pip" install -q --no-deps --force-reinstall "$src"
 ln -sf "$prefix/bin/otpgate" /usr/local/bin/otpgate
 ln -sf "$prefix/bin/otpgated" /usr/local/sbin/otpgated
 
