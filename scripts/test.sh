@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (sudo $0)" >&2; exit 1; }
 
-packages="python3 python3-venv pamtester openssh-server openssh-client sshpass oathtool zbar-tools"
+packages="python3 python3-venv pamtester openssh-server openssh-client sshpass oathtool zbar-tools debootstrap systemd-container"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
