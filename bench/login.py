@@ -26,7 +26,7 @@ def run(quick: bool) -> list[Row]:
             bench_daemon(None, "--password-pam-service", service) as d,
         ):
             d.start()
-            d.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=True), timeout=10)
+            d.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=True, window=1), timeout=10)
             codes = enroll(d, [name for name, _ in users])
             stub = pb_grpc.UserSelfServiceStub(grpc.insecure_channel("unix:" + d.socket("user")))
             queue = list(users)

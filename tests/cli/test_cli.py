@@ -158,6 +158,7 @@ def _oathtool(secret: str, *extra: str) -> str:
 
 
 def test_verify_once_then_replay(daemon: Daemon, user: LocalUser) -> None:
+    assert cli(daemon, "update", "window=1").returncode == 0  # 30 s step boundaries
     secret = pyotp.parse_uri(renew(daemon, user.name)).secret
     code = _oathtool(secret)
     first = cli(daemon, "verify", user.name, code)
@@ -168,6 +169,7 @@ def test_verify_once_then_replay(daemon: Daemon, user: LocalUser) -> None:
 
 
 def test_verify_from_stdin_and_eight_digits(daemon: Daemon, user: LocalUser) -> None:
+    assert cli(daemon, "update", "window=1").returncode == 0
     secret = pyotp.parse_uri(renew(daemon, user.name, "--otp-digits", "8")).secret
     result = cli(daemon, "verify", user.name, "-", stdin=_oathtool(secret, "-d", "8") + "\n")
     assert (result.returncode, result.stdout) == (0, "true\n")

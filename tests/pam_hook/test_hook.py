@@ -145,7 +145,7 @@ def test_real_daemon_reply_shapes(hook: ModuleType, daemon, user) -> None:  # ty
     import pyotp
 
     admin = daemon.admin()
-    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True), timeout=5)
+    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True, window=1), timeout=5)
     sock = f"socket={daemon.socket('pam')}"
     assert run(hook, ["check", sock], PAM_USER=user.name) == (0, "")  # not enrolled, optional
     admin.UpdateConfig(

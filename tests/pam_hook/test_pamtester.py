@@ -56,7 +56,7 @@ def test_check_then_verify(
     # 2FA off: check lets the stack through without reading anything.
     result = pamtester(service, user.name, "")
     assert result.returncode == 0 and "Password" not in result.stdout + result.stderr
-    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True), timeout=5)
+    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True, window=1), timeout=5)
     # The PAM service is not sshd: 2FA applies through `enabled` alone.
     entry = admin.RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
     totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)
@@ -76,7 +76,7 @@ def test_single_prompt(
         "auth required pam_permit.so\n"
     )
     admin = login_daemon.admin()
-    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True), timeout=5)
+    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True, window=1), timeout=5)
     assert pamtester(service, user.name, user.password).returncode == 0  # not enrolled
     entry = admin.RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
     totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)

@@ -124,6 +124,7 @@ def test_bad_enum_and_issuer_refused(daemon: Daemon) -> None:
 
 def test_admin_api_user_flow(daemon: Daemon, user: LocalUser) -> None:
     admin = daemon.admin()
+    admin.UpdateConfig(pb.UpdateConfigRequest(window=1), timeout=5)  # step boundaries
     with pytest.raises(grpc.RpcError) as info:
         admin.RenewSecret(pb.RenewSecretRequest(username=user.name + "x"), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -46,7 +46,8 @@ def enroll(daemon: Daemon, user: LocalUser) -> pyotp.TOTP:
 
 
 def enable(daemon: Daemon) -> None:
-    daemon.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=True), timeout=5)
+    # window=1: a code read just before a 30 s boundary is still good just after it.
+    daemon.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=True, window=1), timeout=5)
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -145,6 +146,7 @@ def test_session_gates_every_other_call(
     login_daemon: Daemon, user: LocalUser, make_user: Callable[..., LocalUser]
 ) -> None:
     other = make_user()
+    login_daemon.admin().UpdateConfig(pb.UpdateConfigRequest(window=1), timeout=5)
     stub = login_daemon.user()
     with pytest.raises(grpc.RpcError) as info:
         stub.GetUser(pb.GetUserRequest(username=user.name), timeout=5)
