@@ -4,6 +4,10 @@ pam_unix must read the shadow file to check another user's password, so the
 daemon that calls this runs as root (or with CAP_DAC_READ_SEARCH): see README,
 "Security model". The service file should use `pam_unix.so nodelay`: PAM's
 failure delay would otherwise hold a server thread for about two seconds.
+
+Keep that service free of modules that fork (pam_exec): a fork inside a process
+running gRPC threads is unreliable (grpc skips its fork handlers, and the tests
+saw pam_exec's child fail at random).
 """
 
 from __future__ import annotations

@@ -118,7 +118,14 @@ def _admin_gid(name: str) -> int:
         ) from None
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def run(config: daemon_config.DaemonConfig) -> int:
+    # Every thread started from here on inherits a mask without the stop signals, so
+    # they reach only the main thread, never a worker waiting inside PAM (pam_exec's
+    # child, a password check) where an interrupted system call would fail a login.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     os.umask(0o077)
     _prepare_dir(config.state_dir, 0o700)
     _prepare_dir(config.runtime_dir, 0o755)
@@ -143,11 +150,12 @@ def run(config: daemon_config.DaemonConfig) -> int:
         pam.add(otpgate_pb2.DESCRIPTOR.services_by_name["PamGate"].full_name)
 
         stopping = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, lambda *_: stopping.set())
         admin.start(reflect=True)
         user.start(reflect=True)
         pam.start(reflect=False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         log.info(
             "started version=%s database=%s key_id=%s",
             __version__,
