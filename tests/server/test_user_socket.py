@@ -8,9 +8,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -218,17 +219,6 @@ def test_burst_of_wrong_passwords_does_not_stall_a_right_one(
     assert seconds < max(1.5, 20 * baseline), (seconds, baseline)
 
 
-def _cli_as(
-    user: LocalUser, daemon: Daemon, args: list[str], stdin: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [RUNUSER, "-u", user.name, "--", sys.executable, "-m", "otpgate.cli.main",
-         "--socket", daemon.admin_socket, "--password-stdin", *args],
-        input=stdin, capture_output=True, text=True, timeout=60, cwd="/",
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "daemon")},
-    )  # fmt: skip
-
-
 def _usable_by_others() -> bool:
     paths = [Path(sys.executable).resolve(), REPO / "daemon" / "otpgate" / "__init__.py"]
     return all(os.access(p, os.R_OK) for p in paths) and all(
@@ -236,31 +226,78 @@ def _usable_by_others() -> bool:
     )
 
 
+@pytest.fixture(scope="module")
+def cli_python() -> Iterator[tuple[str, dict[str, str]]]:
+    """A Python with otpgate that an ordinary user can run: this one when the checkout
+    is readable by others, else a fresh virtualenv in a world-readable directory."""
+    if _usable_by_others():
+        yield sys.executable, {"PYTHONPATH": str(REPO / "daemon")}
+        return
+    home = Path(tempfile.mkdtemp(prefix="otpgate-test-cli-"))
+    home.chmod(0o755)
+    try:
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(home / "venv")], check=True)
+        subprocess.run([str(home / "venv/bin/pip"), "install", "-q", str(REPO)], check=True,
+                       timeout=600)  # fmt: skip
+        yield str(home / "venv/bin/python"), {}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _cli_as(
+    python: tuple[str, dict[str, str]],
+    user: LocalUser,
+    daemon: Daemon,
+    args: list[str],
+    stdin: str,
+) -> subprocess.CompletedProcess[str]:
+    executable, env = python
+    return subprocess.run(
+        [RUNUSER, "-u", user.name, "--", executable, "-m", "otpgate.cli.main",
+         "--socket", daemon.admin_socket, "--password-stdin", *args],
+        input=stdin, capture_output=True, text=True, timeout=60, cwd="/",
+        env={"PATH": "/usr/bin:/bin", **env},
+    )  # fmt: skip
+
+
 def test_cli_as_ordinary_user_enrolls_itself(
-    public_login_daemon: Daemon, user: LocalUser, make_user: Callable[..., LocalUser]
+    public_login_daemon: Daemon,
+    user: LocalUser,
+    make_user: Callable[..., LocalUser],
+    cli_python: tuple[str, dict[str, str]],
 ) -> None:
-    if not _usable_by_others():
-        pytest.skip("this checkout or its Python is not readable by other users")
     other = make_user()
     enrolled = _cli_as(
-        user, public_login_daemon, ["renew-secret", "--qr", "none"], f"{user.password}\n"
+        cli_python,
+        user,
+        public_login_daemon,
+        ["renew-secret", "--qr", "none"],
+        f"{user.password}\n",
     )
     assert enrolled.returncode == 0, enrolled.stderr
     uri = enrolled.stdout.strip()
     assert uri.startswith("otpauth://totp/") and f"{user.name}%40" in uri
-    refused = _cli_as(user, public_login_daemon, ["renew-secret", other.name], f"{user.password}\n")
+    refused = _cli_as(
+        cli_python, user, public_login_daemon, ["renew-secret", other.name], f"{user.password}\n"
+    )
     assert refused.returncode == 2
     assert refused.stderr.startswith("PermissionDenied:")
-    admin_only = _cli_as(user, public_login_daemon, ["config"], "")
+    admin_only = _cli_as(cli_python, user, public_login_daemon, ["config"], "")
     assert admin_only.returncode == 2 and "needs admin rights" in admin_only.stderr
     # Now 2FA is on and the user is enrolled: the CLI asks for the code too.
     enable(public_login_daemon)
     totp = pyotp.parse_uri(uri)
     shown = _cli_as(
-        user, public_login_daemon, ["user", "show", "--json"], f"{user.password}\n{totp.now()}\n"
+        cli_python,
+        user,
+        public_login_daemon,
+        ["user", "show", "--json"],
+        f"{user.password}\n{totp.now()}\n",
     )
     assert shown.returncode == 0, shown.stderr
     assert '"twofactor_auth_configured": true' in shown.stdout
     bad_codes = "".join(f"{(int(totp.now()) + i) % 10**6:06d}\n" for i in (1, 2, 3))
-    wrong = _cli_as(user, public_login_daemon, ["user", "show"], f"{user.password}\n{bad_codes}")
+    wrong = _cli_as(
+        cli_python, user, public_login_daemon, ["user", "show"], f"{user.password}\n{bad_codes}"
+    )
     assert wrong.returncode == 2 and "login failed" in wrong.stderr
