@@ -49,12 +49,10 @@ class _DecodedTOTP(pyotp.TOTP):
 
     _key: bytes | None = None
 
-    def __init__(self, secret: str, *, digits: int, interval: int) -> None:
-        super().__init__(secret, digits=digits, interval=interval)
-        self._key = super().byte_secret()
-
     def byte_secret(self) -> bytes:
-        return self._key if self._key is not None else super().byte_secret()
+        if self._key is None:
+            self._key = super().byte_secret()
+        return self._key
 
 
 def new_secret() -> str:
