@@ -61,7 +61,8 @@ def measure(
     processes = min(callers, 4)
     threads = callers // processes
     calls = max(1, total // callers)
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
+    # spawn, not fork: a forked copy of a process that already runs gRPC can deadlock.
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
         started = time.perf_counter()
         parts = pool.map(_worker, [(socket_path, kind, users, threads, calls, cpus)] * processes)
         elapsed = time.perf_counter() - started

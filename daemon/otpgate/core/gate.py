@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hmac
-import logging
 
 from otpgate.core import totp
 from otpgate.core.passwords import PasswordChecker, PasswordResult
 from otpgate.core.service import TwoFactorService, VerifyResult
 from otpgate.core.settings import EnrollmentPolicy, Settings
 from otpgate.errors import InvalidArgument, NotFound
-
-log = logging.getLogger("otpgated")
 
 # pam_exec can only prompt "Password: ": this line, shown just before, says what to type.
 CODE_PROMPT = "Verification code from your authenticator app (type it at the next prompt):"
