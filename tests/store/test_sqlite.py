@@ -108,3 +108,13 @@ def test_sigkill_mid_write_loses_no_committed_change(tmp_path: Path, kill_after:
     assert {f"u{i}" for i in range(1, committed + 1)} <= names
     steps = store.get_secret("steps")
     assert steps is not None and steps.last_step >= committed
+
+
+def test_changes_leave_audit_events(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "db"))
+    store.put_secret(_record("alice", 1000))
+    for _ in range(2):
+        store.reserve_attempt("alice", 1000, now=100, threshold=2, lockout_seconds=60)
+    store.delete_secret("alice")
+    events = [row[0] for row in store._query("SELECT event FROM audit_events ORDER BY id")]
+    assert events == ["secret_renewed", "locked", "secret_unset"]

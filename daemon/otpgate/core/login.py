@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from otpgate.core.accounts import Account, check_username
+from otpgate.core.accounts import check_username
 from otpgate.core.passwords import PasswordChecker, PasswordResult
 from otpgate.core.service import Clock, TwoFactorService, UserView, VerifyResult
 from otpgate.errors import InvalidArgument, NotFound
@@ -217,7 +217,3 @@ class Logins:
         for table in (self._attempts, self._sessions):
             for key in [k for k, v in table.items() if v.expires <= now]:
                 del table[key]
-
-
-def same_account(session: Session, account: Account) -> bool:
-    return session.username == account.username and session.uid == account.uid

@@ -99,10 +99,6 @@ class TwoFactorService:
 
     # -- settings -------------------------------------------------------------------
 
-    @property
-    def default_issuer(self) -> str:
-        return self._default_issuer
-
     def get_config(self) -> Settings:
         return self._store.load_settings()
 

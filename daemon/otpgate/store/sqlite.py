@@ -285,25 +285,13 @@ class SQLiteStore:
 
     # -- audit ----------------------------------------------------------------------
 
-    def audit(self, event: str, username: str, detail: str, *, now: int) -> None:
-        with self._transaction() as db:
-            self._audit(db, event, username, detail, now=now)
-
     @staticmethod
-    def _audit(
-        db: sqlite3.Connection, event: str, username: str, detail: str, *, now: int | None = None
-    ) -> None:
-        if now is None:
-            db.execute(
-                "INSERT INTO audit_events (at, event, username, detail) "
-                "VALUES (CAST(unixepoch() AS INTEGER), ?, ?, ?)",
-                (event, username, detail),
-            )
-        else:
-            db.execute(
-                "INSERT INTO audit_events (at, event, username, detail) VALUES (?, ?, ?, ?)",
-                (now, event, username, detail),
-            )
+    def _audit(db: sqlite3.Connection, event: str, username: str, detail: str) -> None:
+        db.execute(
+            "INSERT INTO audit_events (at, event, username, detail) "
+            "VALUES (CAST(unixepoch() AS INTEGER), ?, ?, ?)",
+            (event, username, detail),
+        )
 
     def healthy(self) -> bool:
         """The database answers (the watchdog's question); False if it is stuck or gone."""
