@@ -165,7 +165,16 @@ def _create_user(prefix: str = "ogt") -> LocalUser:
 
 
 def _delete_user(name: str) -> None:
-    subprocess.run(["userdel", "--remove", name], capture_output=True)
+    # A session the test opened (sshd's child for the user) may still be closing:
+    # end what runs as this test-made user, by PID, and try again.
+    for _ in range(20):
+        if subprocess.run(["userdel", "--remove", name], capture_output=True).returncode in (0, 6):
+            return  # 6: no such user
+        pids = subprocess.run(["pgrep", "-u", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.1)
 
 
 @pytest.fixture
