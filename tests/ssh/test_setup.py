@@ -173,3 +173,23 @@ def test_cli_setup_refuses_when_daemon_unreachable_and_works_with_it(
     assert undo.returncode == 0, undo.stderr
     assert _snapshot(paths) == before
     shutil.rmtree(paths.backup_dir, ignore_errors=True)
+
+
+def test_doctor_complains_about_deliberately_broken_wiring(paths: ssh_setup.Paths) -> None:
+    _setup(paths, "password")
+    assert ssh_setup.doctor_checks(paths, "password") == []
+    # Someone "fixes" a login problem by letting a password alone through.
+    Path(paths.dropin).write_text(
+        Path(paths.dropin)
+        .read_text()
+        .replace("AuthenticationMethods password,keyboard-interactive", "AuthenticationMethods any")
+    )
+    problems = ssh_setup.doctor_checks(paths, "password")
+    assert any("'any'" in p for p in problems), problems
+    # ...and drops pam_permit from the stack.
+    snippet = Path(paths.snippet_file("password"))
+    snippet.write_text(
+        snippet.read_text().replace("auth  required                       pam_permit.so\n", "")
+    )
+    problems = ssh_setup.doctor_checks(paths, "password")
+    assert any("does not end with pam_permit.so" in p for p in problems), problems
