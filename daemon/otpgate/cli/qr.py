@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from typing import TextIO
 
 import segno
 
-from otpgate.errors import InvalidArgument
+from otpgate.errors import ClientError, InvalidArgument
 
 FORMATS = "ansi, utf8, none, png:FILE, svg:FILE"
 
 
 def check_format(spec: str) -> str:
+    """Check `spec` and, for a file, that it can be written: before anything changes
+    (renew-secret must not replace a secret whose QR code it then cannot save)."""
     kind, _, path = spec.partition(":")
     if kind in ("ansi", "utf8", "none") and not path:
         return spec
     if kind in ("png", "svg") and path:
+        _check_writable(path)
         return spec
     raise InvalidArgument("--qr", f"must be one of {FORMATS} (got {spec!r})")
+
+
+def _check_writable(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise InvalidArgument("--qr", f"cannot create {path}: no writable directory") from None
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidArgument("--qr", f"{path} exists and is not a regular file (or is a symlink)")
+    if not os.access(path, os.W_OK):
+        raise InvalidArgument("--qr", f"cannot write {path}: permission denied")
 
 
 def emit(uri: str, spec: str, out: TextIO) -> str | None:
@@ -36,7 +54,10 @@ def emit(uri: str, spec: str, out: TextIO) -> str | None:
         return None
     buffer = io.BytesIO()
     code.save(buffer, kind=kind, scale=8 if kind == "png" else 4, border=4)
-    _write_private(path, buffer.getvalue())
+    try:
+        _write_private(path, buffer.getvalue())
+    except OSError as exc:
+        raise ClientError(f"cannot write the QR code to {path}: {exc.strerror or exc}") from None
     return path
 
 

@@ -240,7 +240,9 @@ class SQLiteStore:
         """Count one attempt before its code is checked; the secret, or None while
         locked (or when the account, with this uid, has none).
 
-        Counting first keeps the limit exact under concurrent guesses. The attempt
+        Times are whole seconds, so a lock ends one second late rather than up to
+        one second early. Counting first keeps the limit exact under concurrent
+        guesses. The attempt
         that reaches the threshold locks the account (each lockout in a row doubles
         the next, up to a day); an accepted code clears everything (accept_step).
         """
@@ -251,7 +253,7 @@ class SQLiteStore:
                     failures = CASE WHEN {reached} THEN 0 ELSE failures + 1 END,
                     lockouts = CASE WHEN {reached} THEN lockouts + 1 ELSE lockouts END,
                     locked_until = CASE WHEN {reached}
-                        THEN :now + MIN(:base * (1 << MIN(lockouts, 16)), :max)
+                        THEN :now + 1 + MIN(:base * (1 << MIN(lockouts, 16)), :max)
                         ELSE locked_until END
                 WHERE username = :user AND uid = :uid AND status = 'active'
                     AND locked_until <= :now
