@@ -278,3 +278,15 @@ def test_secret_never_on_disk_in_plaintext(env: tuple, tmp_path: Path) -> None:
         for form in (secret.encode(), secret.lower().encode(), base64.b32decode(secret)):
             assert form not in blob
     assert os.path.getsize(tmp_path / "db.sqlite3-wal") > 0
+
+
+def test_unset_secret_of_a_deleted_account(env: tuple) -> None:
+    service, _, accounts, store = env
+    service.renew_secret("alice")
+    del accounts.table["alice"]
+    with pytest.raises(NotFound):
+        service.get_user("alice")
+    assert service.unset_secret("alice").account.uid == 1000
+    assert store.get_secret("alice") is None
+    with pytest.raises(NotFound):
+        service.unset_secret("alice")

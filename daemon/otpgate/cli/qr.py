@@ -34,8 +34,13 @@ def _check_writable(path: str) -> None:
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
             raise InvalidArgument("--qr", f"cannot create {path}: no writable directory") from None
         return
+    except OSError as exc:  # not a directory on the way, name too long, symlink loop...
+        raise InvalidArgument("--qr", f"cannot write {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
         raise InvalidArgument("--qr", f"{path} exists and is not a regular file (or is a symlink)")
+    if info.st_uid != os.geteuid():
+        # Its owner could read the secret we would write into it.
+        raise InvalidArgument("--qr", f"{path} exists and belongs to uid {info.st_uid}")
     if not os.access(path, os.W_OK):
         raise InvalidArgument("--qr", f"cannot write {path}: permission denied")
 
@@ -62,11 +67,14 @@ def emit(uri: str, spec: str, out: TextIO) -> str | None:
 
 
 def _write_private(path: str, data: bytes) -> None:
-    # The picture holds the secret: readable by its owner only, and never written
-    # through a symlink someone else planted.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # The picture holds the secret: readable by its owner only, never written through
+    # a symlink, and never into a file someone else owns (they could read it).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise OSError(f"{path} belongs to another user")
         os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
         os.write(fd, data)
     finally:
         os.close(fd)

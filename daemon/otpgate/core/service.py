@@ -173,7 +173,15 @@ class TwoFactorService:
         return self._uri(account, record, self._store.load_settings())
 
     def unset_secret(self, username: str) -> UserView:
-        account = self._account(username)
+        """Remove a secret; also the secret of an account NSS no longer knows, so an
+        admin can clean up before the name (or its uid) is given to someone else."""
+        try:
+            account = self._account(username)
+        except NotFound:
+            record = self._store.get_secret(username)
+            if record is None:
+                raise
+            account = Account(record.username, record.uid, 0, "", "", "")  # facts gone with it
         if self._store.delete_secret(account.username):
             log.info("secret_unset user=%s", account.username)
         return UserView(account, None)
