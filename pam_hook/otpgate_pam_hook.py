@@ -15,6 +15,9 @@ Modes:  check              0 when the account needs no code for this service now
 Options: socket=PATH (absolute; default /run/otpgate/pam.sock)
          timeout=SECONDS (0.1..30; default 3)
          fail=secure|safe (what a daemon failure means: deny, or allow and log it)
+         first-factor=required (check, verify: deny unless sshd reports a passed first
+             factor, so one call does what a first-factor-done line would; verify then
+             also passes when the daemon says the account needs no code now)
 """
 
 from __future__ import annotations
@@ -494,6 +497,7 @@ class Options:
         self.socket = DEFAULT_SOCKET
         self.timeout = 3.0
         self.fail_safe = False
+        self.first_factor_required = False
         seen: set[str] = set()
         for word in argv[1:]:
             key, sep, value = word.partition("=")
@@ -515,6 +519,12 @@ class Options:
                 if value not in ("secure", "safe"):
                     raise UsageError("fail= must be secure or safe")
                 self.fail_safe = value == "safe"
+            elif key == "first-factor":
+                if value != "required":
+                    raise UsageError("first-factor= must be required")
+                if self.mode not in ("check", "verify"):
+                    raise UsageError("first-factor= is only for the check and verify modes")
+                self.first_factor_required = True
             else:
                 raise UsageError(f"unknown option {key!r}")
 
@@ -558,9 +568,16 @@ def run(argv: list[str], env: Mapping[str, str], stdin: BinaryIO, out: TextIO) -
         options = Options(argv)
         if env.get("PAM_TYPE") != "auth":
             raise UsageError(f"PAM_TYPE is {env.get('PAM_TYPE')!r}; only auth is supported")
+        # sshd lists the methods already passed; empty in a first round.
+        first_factor_done = bool(env.get("SSH_AUTH_INFO_0", "").strip())
         if options.mode == "first-factor-done":
-            # sshd lists the methods already passed; empty in a first round.
-            return EXIT_ALLOW if env.get("SSH_AUTH_INFO_0", "").strip() else EXIT_DENY
+            return EXIT_ALLOW if first_factor_done else EXIT_DENY
+        if options.first_factor_required and not first_factor_done:
+            # For check this only means "ask for a code"; the verify line then refuses.
+            if options.mode == "verify":
+                _read_authtok(stdin)  # read what pam_exec writes, so it never meets a closed pipe
+                _log(LOG_NOTICE, "denied: no first factor passed before the code")
+            return EXIT_DENY
         user = _pam_item(env, "PAM_USER", required=True)
         service = _pam_item(env, "PAM_SERVICE", required=True)
         rhost = _pam_item(env, "PAM_RHOST", required=False)
@@ -585,9 +602,18 @@ def run(argv: list[str], env: Mapping[str, str], stdin: BinaryIO, out: TextIO) -
         _log(LOG_ERR, f"denied, daemon failed: {where}: {exc}")
         return EXIT_DENY
     _say(out, message)
-    wanted = NOT_REQUIRED if options.mode == "check" else ALLOW
+    if options.mode == "check":
+        wanted: tuple[int, ...] = (NOT_REQUIRED,)
+    elif options.mode == "verify" and options.first_factor_required:
+        # Another factor has passed, so the daemon's "no code needed" may let this
+        # login through: a stack that prompts every account then works where 2FA is
+        # off, or for accounts not enrolled under "optional". Without that assurance
+        # verify fails closed, whatever stack it was put in.
+        wanted = (ALLOW, NOT_REQUIRED)
+    else:
+        wanted = (ALLOW,)
     name = _VERDICT_NAMES.get(verdict, f"unknown({verdict})")
-    if verdict == wanted:
+    if verdict in wanted:
         return EXIT_ALLOW
     if verdict not in (OTP_REQUIRED, NOT_REQUIRED):
         _log(LOG_NOTICE, f"{where} verdict={name}")

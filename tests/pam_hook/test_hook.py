@@ -41,6 +41,9 @@ CHECK_EXITS = {
     99: 1,
 }
 VERIFY_EXITS = {**{v: 1 for v in CHECK_EXITS}, pb.VERDICT_ALLOW: 0}
+# After a passed first factor, "no code needed" lets verify pass (a stack that always
+# prompts); without that assurance it never does.
+AFTER_FIRST_FACTOR_EXITS = {**VERIFY_EXITS, pb.VERDICT_NOT_REQUIRED: 0}
 
 
 @pytest.mark.parametrize(("verdict", "expected"), CHECK_EXITS.items())
@@ -55,14 +58,18 @@ def test_check_verdicts(
     assert gate.seen[0][0] == "Check"
 
 
-@pytest.mark.parametrize("mode", ["verify", "single-prompt"])
-@pytest.mark.parametrize(("verdict", "expected"), VERIFY_EXITS.items())
+@pytest.mark.parametrize(
+    ("mode", "verdict", "expected"),
+    [(mode, v, e) for mode in ("verify", "single-prompt") for v, e in VERIFY_EXITS.items()]
+    + [("verify first-factor=required", v, e) for v, e in AFTER_FIRST_FACTOR_EXITS.items()],
+)
 def test_verify_verdicts(
     hook: ModuleType, fake_gate: tuple[FakeGate, str], mode: str, verdict: int, expected: int
 ) -> None:
     gate, path = fake_gate
     gate.reply = decision(verdict)  # type: ignore[assignment]
-    code, out = run(hook, [mode, f"socket={path}"], b"123456")
+    argv = [*mode.split(), f"socket={path}"]
+    code, out = run(hook, argv, b"123456", SSH_AUTH_INFO_0="password\n")
     assert (code, out) == (expected, "")
 
 
@@ -218,7 +225,9 @@ def test_garbled_or_silent_peers_deny(hook: ModuleType, raw_server, behaviour) -
     "argv",
     [[], ["sideways"], ["check", "colour=blue"], ["check", "timeout=0"], ["check", "timeout=x"],
      ["check", "timeout=31"], ["check", "fail=maybe"], ["check", "socket=relative.sock"],
-     ["check", "fail=safe", "fail=safe"], ["check", "noequals"]],
+     ["check", "fail=safe", "fail=safe"], ["check", "noequals"],
+     ["check", "first-factor=optional"], ["single-prompt", "first-factor=required"],
+     ["first-factor-done", "first-factor=required"]],
 )  # fmt: skip
 def test_bad_pam_lines_deny_even_in_safe_mode(hook: ModuleType, argv: list[str]) -> None:
     assert run(hook, argv)[0] == 1
@@ -247,6 +256,21 @@ def test_first_factor_done(hook: ModuleType) -> None:
     assert run(hook, ["first-factor-done"], SSH_AUTH_INFO_0="password\n")[0] == 0
     assert run(hook, ["first-factor-done"], SSH_AUTH_INFO_0="")[0] == 1
     assert run(hook, ["first-factor-done"])[0] == 1
+
+
+@pytest.mark.parametrize("mode", ["check", "verify"])
+def test_first_factor_required_denies_before_asking_the_daemon(
+    hook: ModuleType, fake_gate: tuple[FakeGate, str], mode: str
+) -> None:
+    gate, path = fake_gate
+    wanted = pb.VERDICT_NOT_REQUIRED if mode == "check" else pb.VERDICT_ALLOW
+    gate.reply = decision(wanted)  # type: ignore[assignment]
+    argv = [mode, f"socket={path}", "first-factor=required", "fail=safe"]
+    assert run(hook, argv, b"123456")[0] == 1
+    assert run(hook, argv, b"123456", SSH_AUTH_INFO_0=" \n")[0] == 1
+    assert gate.seen == []
+    assert run(hook, argv, b"123456", SSH_AUTH_INFO_0="publickey ssh-ed25519 AAAA\n")[0] == 0
+    assert [name for name, _ in gate.seen] == ["Check" if mode == "check" else "Verify"]
 
 
 # -- protobuf and HPACK ---------------------------------------------------------------------

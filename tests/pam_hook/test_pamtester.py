@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pam
 import pyotp
 import pytest
 
@@ -92,6 +93,46 @@ def test_first_factor_done_outside_ssh_denies(
         f"auth requisite pam_exec.so quiet {PY} first-factor-done\nauth required pam_permit.so\n"
     )
     assert pamtester(service, user.name, "").returncode != 0
+
+
+def _pam_login(service: str, user: str, typed: str, **env: str) -> tuple[bool, str]:
+    """One authentication through python-pam, which can set PAM environment variables as
+    sshd does (pamtester cannot); returns (success, every message shown)."""
+    authenticator = pam.PamAuthenticator()
+    ok = authenticator.authenticate(user, typed, service=service, env=env, resetcreds=False)
+    return ok, "\n".join(authenticator.messages)
+
+
+def test_always_prompt_stack_one_hook_call(
+    daemon: Daemon, user: LocalUser, pam_service: Callable[[str], str]
+) -> None:
+    sock = daemon.socket("pam")
+    service = pam_service(
+        "auth optional pam_echo.so Verification code:\n"
+        f"auth requisite pam_exec.so quiet expose_authtok stdout {PY} verify socket={sock} "
+        "first-factor=required\nauth required pam_permit.so\n"
+    )
+    key = {"SSH_AUTH_INFO_0": "publickey ssh-ed25519 AAAA"}
+    admin = daemon.admin()
+    admin.UpdateConfig(
+        pb.UpdateConfigRequest(
+            enabled=True, window=1, enrollment_policy=pb.ENROLLMENT_POLICY_REQUIRED
+        ),
+        timeout=5,
+    )
+    ok, text = _pam_login(service, user.name, "123456", **key)
+    assert not ok and "otpgate renew-secret" in text
+    entry = admin.RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)
+    # A right code without the first factor: refused before the daemon is asked, so
+    # the code is not spent and works right after.
+    assert _pam_login(service, user.name, totp.now()) == (False, "Verification code:\nPassword: ")
+    ok, text = _pam_login(service, user.name, totp.now(), **key)
+    assert ok, text
+    assert text.startswith("Verification code:")
+    # 2FA off: the prompt still comes, and anything typed passes.
+    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=False), timeout=5)
+    assert _pam_login(service, user.name, "anything", **key)[0]
 
 
 def test_dead_daemon_secure_and_safe(

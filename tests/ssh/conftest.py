@@ -33,9 +33,12 @@ PACKAGING = REPO / "packaging"
 _HOOK_CALL = re.compile(r"(/usr/bin/python3 -I -S )/usr/local/lib/otpgate/otpgate-pam-hook (\S+)")
 
 
-def render_pam_snippet(flow: str, pam_socket: str, hook_options: str = "") -> str:
+def render_pam_snippet(
+    flow: str, pam_socket: str, hook_options: str = "", prompt: str = "when-needed"
+) -> str:
     """The shipped snippet, pointed at this checkout's hook and a test daemon."""
-    text = (PACKAGING / "pam.d" / f"otpgate-ssh-{flow}").read_text()
+    suffix = "-always" if prompt == "always" else ""
+    text = (PACKAGING / "pam.d" / f"otpgate-ssh-{flow}{suffix}").read_text()
     extra = f" {hook_options}" if hook_options else ""
     return _HOOK_CALL.sub(rf"\g<1>{HOOK} \g<2> socket={pam_socket}{extra}", text)
 
@@ -135,8 +138,10 @@ LogLevel VERBOSE
 def make_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Sshd]]:
     made: list[Sshd] = []
 
-    def make(flow: str, daemon: Daemon, hook_options: str = "") -> Sshd:
-        pam_text = render_pam_snippet(flow, daemon.socket("pam"), hook_options)
+    def make(
+        flow: str, daemon: Daemon, hook_options: str = "", prompt: str = "when-needed"
+    ) -> Sshd:
+        pam_text = render_pam_snippet(flow, daemon.socket("pam"), hook_options, prompt)
         sshd = Sshd(tmp_path_factory.mktemp("sshd"), flow, pam_text)
         made.append(sshd)
         return sshd.start()

@@ -231,6 +231,38 @@ def test_publickey_not_enrolled_optional_no_prompt(
     assert login.ok and login.prompts == []
 
 
+# -- prompting every account: one hook call fewer ------------------------------------
+
+
+def test_publickey_always_prompt(daemon: Daemon, make_sshd: MakeSshd, user: LocalUser) -> None:
+    enable(daemon, enrollment_policy=pb.ENROLLMENT_POLICY_REQUIRED)
+    sshd = make_sshd("publickey", daemon, prompt="always")
+    key = _authorize_key(sshd, user)
+    login = ssh_login(sshd.port, user.name, key=key, answers=["123456"])
+    assert not login.ok and "otpgate renew-secret" in login.text
+    totp = enroll(daemon, user)
+    assert not ssh_login(sshd.port, user.name, answers=[totp.now()]).ok  # no key
+    login = ssh_login(sshd.port, user.name, key=key, answers=[totp.now()])
+    assert login.ok, sshd.log_path.read_text()
+    assert len(login.prompts) == 1 and "Verification code" in login.text
+    assert not ssh_login(sshd.port, user.name, key=key, answers=[wrong(totp.now())]).ok
+    # 2FA off: the prompt stays, and whatever is typed passes after the key.
+    daemon.admin().UpdateConfig(pb.UpdateConfigRequest(enabled=False), timeout=5)
+    assert ssh_login(sshd.port, user.name, key=key, answers=[""]).ok
+
+
+def test_password_always_prompt(daemon: Daemon, make_sshd: MakeSshd, user: LocalUser) -> None:
+    enable(daemon, enrollment_policy=pb.ENROLLMENT_POLICY_REQUIRED)
+    totp = enroll(daemon, user)
+    sshd = make_sshd("password", daemon, prompt="always")
+    login = ssh_login(sshd.port, user.name, password=user.password, answers=[totp.now()])
+    assert login.ok, sshd.log_path.read_text()
+    assert len(login.prompts) == 1 and "Verification code" in login.text
+    bad = ssh_login(sshd.port, user.name, password=user.password, answers=[wrong(totp.now())])
+    assert not bad.ok
+    assert not ssh_login(sshd.port, user.name, password="x" + user.password, answers=["1"]).ok
+
+
 # -- flow (c): one prompt -------------------------------------------------------------
 
 

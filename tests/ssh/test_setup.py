@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from otpgate.errors import FailedPrecondition
+from otpgate.errors import FailedPrecondition, InvalidArgument
 from otpgate.ssh import doctor
 from otpgate.ssh import setup as ssh_setup
 from tests.conftest import REPO, Daemon
@@ -74,15 +74,23 @@ def _setup(paths: ssh_setup.Paths, flow: str = "password", **kw: object) -> list
     return report + reloads
 
 
-@pytest.mark.parametrize("flow", ssh_setup.FLOWS)
-def test_setup_then_doctor_clean_then_undo_restores(paths: ssh_setup.Paths, flow: str) -> None:
+@pytest.mark.parametrize(
+    ("flow", "prompt"),
+    [(flow, "when-needed") for flow in ssh_setup.FLOWS]
+    + [("password", "always"), ("publickey", "always")],
+)
+def test_setup_then_doctor_clean_then_undo_restores(
+    paths: ssh_setup.Paths, flow: str, prompt: str
+) -> None:
     before = _snapshot(paths)
-    report = _setup(paths, flow)
+    report = _setup(paths, flow, prompt=prompt)
     assert report[-1] == "r"  # reloaded once, after the checks passed
+    name = f"otpgate-ssh-{flow}" + ("-always" if prompt == "always" else "")
     service = Path(paths.pam_file).read_text()
-    assert f"@include otpgate-ssh-{flow}" in service
+    assert f"@include {name}\n" in service
     assert "\n@include common-auth" not in service
-    snippet = Path(paths.snippet_file(flow)).read_text()
+    snippet = Path(paths.snippet_file(name)).read_text()
+    assert ("otpgate-pam-hook check" in snippet) is (flow != "single-prompt" and prompt != "always")
     assert f"{HOOK} " in snippet and "/usr/local/lib/otpgate" not in snippet
     assert "AuthenticationMethods" in Path(paths.dropin).read_text()
     assert ssh_setup.doctor_checks(paths, flow) == []
@@ -187,9 +195,30 @@ def test_doctor_complains_about_deliberately_broken_wiring(paths: ssh_setup.Path
     problems = ssh_setup.doctor_checks(paths, "password")
     assert any("'any'" in p for p in problems), problems
     # ...and drops pam_permit from the stack.
-    snippet = Path(paths.snippet_file("password"))
+    snippet = Path(paths.snippet_file("otpgate-ssh-password"))
     snippet.write_text(
         snippet.read_text().replace("auth  required                       pam_permit.so\n", "")
     )
     problems = ssh_setup.doctor_checks(paths, "password")
     assert any("does not end with pam_permit.so" in p for p in problems), problems
+
+
+def test_prompt_always_refused_for_single_prompt(paths: ssh_setup.Paths) -> None:
+    before = _snapshot(paths)
+    with pytest.raises(InvalidArgument, match="--prompt"):
+        _setup(paths, "single-prompt", prompt="always")
+    assert _snapshot(paths) == before
+
+
+def test_switching_prompt_variant_then_undo_restores_the_first_originals(
+    paths: ssh_setup.Paths,
+) -> None:
+    before = _snapshot(paths)
+    _setup(paths, "publickey")
+    _setup(paths, "publickey", prompt="always")
+    service = Path(paths.pam_file).read_text()
+    assert "@include otpgate-ssh-publickey-always\n" in service
+    assert "@include otpgate-ssh-publickey\n" not in service
+    assert ssh_setup.doctor_checks(paths, "publickey") == []
+    ssh_setup.undo(paths, reload=lambda: "reloaded")
+    assert _snapshot(paths) == before

@@ -543,6 +543,7 @@ def cmd_setup_ssh(client: Client, args: argparse.Namespace) -> int:
             paths,
             hook=args.hook or ssh_setup.default_hook(),
             hook_options=args.hook_options,
+            prompt=args.prompt,
             lockout_risk=_lockout_risk(client),
             force=args.force,
             dry_run=args.dry_run,
@@ -657,6 +658,14 @@ def build_parser() -> argparse.ArgumentParser:
     wire.set_defaults(handler=cmd_setup_ssh)
     wire.add_argument(
         "--flow", choices=ssh_setup.FLOWS, help="password, publickey or single-prompt"
+    )
+    wire.add_argument(
+        "--prompt",
+        choices=ssh_setup.PROMPTS,
+        default="when-needed",
+        help="when-needed: ask the code only of accounts that need one (one hook call more "
+        "per login); always: ask every account, for the 'required' enrollment policy "
+        "(default %(default)s)",
     )
     wire.add_argument("--undo", action="store_true", help="restore the files as before setup")
     wire.add_argument(

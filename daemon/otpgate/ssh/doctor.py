@@ -39,6 +39,14 @@ class PamLine:
         return None
 
     @property
+    def hook_options(self) -> tuple[str, ...]:
+        """The hook's OPTION=VALUE words if this line runs otpgate's hook, else ()."""
+        for i, arg in enumerate(self.args):
+            if _is_hook(arg):
+                return self.args[i + 2 :]
+        return ()
+
+    @property
     def hook_path(self) -> str | None:
         return next((a for a in self.args if _is_hook(a)), None)
 
@@ -132,7 +140,8 @@ def detect_flow(stack: list[PamLine]) -> str | None:
     modes = [line.hook_mode for line in stack if line.hook_mode is not None]
     if "single-prompt" in modes:
         return "single-prompt"
-    if "first-factor-done" in modes:
+    after_first = any("first-factor=required" in line.hook_options for line in stack)
+    if "first-factor-done" in modes or after_first:
         has_unix = any(os.path.basename(line.module) == "pam_unix.so" for line in stack)
         return "password" if has_unix else "publickey"
     if "verify" in modes:

@@ -23,6 +23,9 @@ from otpgate.errors import FailedPrecondition, InvalidArgument, OtpgateError
 from otpgate.ssh import doctor
 
 FLOWS = ("password", "publickey", "single-prompt")
+# when-needed asks the daemon before prompting (one hook call more per login); always
+# prompts every account, which suits the "required" enrollment policy.
+PROMPTS = ("when-needed", "always")
 HOOK_CANDIDATES = ("/usr/lib/otpgate/otpgate-pam-hook", "/usr/local/lib/otpgate/otpgate-pam-hook")
 _TEMPLATE_HOOK = "/usr/local/lib/otpgate/otpgate-pam-hook"
 _COMMON_AUTH = re.compile(r"^@include\s+common-auth\s*$", re.MULTILINE)
@@ -51,8 +54,8 @@ class Paths:
     def pam_file(self) -> str:
         return os.path.join(self.pam_dir, self.pam_service)
 
-    def snippet_file(self, flow: str) -> str:
-        return os.path.join(self.pam_dir, f"otpgate-ssh-{flow}")
+    def snippet_file(self, name: str) -> str:
+        return os.path.join(self.pam_dir, name)
 
     @property
     def dropin(self) -> str:
@@ -63,8 +66,20 @@ def snippet(name: str) -> str:
     return resources.files("otpgate.ssh").joinpath("snippets", name).read_text()
 
 
-def render_pam(flow: str, hook: str, hook_options: str = "") -> str:
-    text = snippet(f"otpgate-ssh-{flow}")
+def pam_snippet_name(flow: str, prompt: str = "when-needed") -> str:
+    if flow not in FLOWS:
+        raise InvalidArgument("--flow", f"must be one of {', '.join(FLOWS)}")
+    if prompt not in PROMPTS:
+        raise InvalidArgument("--prompt", f"must be one of {', '.join(PROMPTS)}")
+    if prompt == "always":
+        if flow == "single-prompt":
+            raise InvalidArgument("--prompt", "always is for the password and publickey flows")
+        return f"otpgate-ssh-{flow}-always"
+    return f"otpgate-ssh-{flow}"
+
+
+def render_pam(name: str, hook: str, hook_options: str = "") -> str:
+    text = snippet(name)
     replacement = hook + (" {mode} " + hook_options if hook_options else " {mode}")
     return re.sub(
         re.escape(_TEMPLATE_HOOK) + r" (\S+)",
@@ -83,9 +98,10 @@ class Change:
     new: str | None  # None: remove the file
 
 
-def plan(flow: str, paths: Paths, hook: str, hook_options: str = "") -> list[Change]:
-    if flow not in FLOWS:
-        raise InvalidArgument("--flow", f"must be one of {', '.join(FLOWS)}")
+def plan(
+    flow: str, paths: Paths, hook: str, hook_options: str = "", prompt: str = "when-needed"
+) -> list[Change]:
+    name = pam_snippet_name(flow, prompt)
     if not os.path.isabs(hook):
         raise InvalidArgument("--hook", "must be an absolute path")
     try:
@@ -93,7 +109,7 @@ def plan(flow: str, paths: Paths, hook: str, hook_options: str = "") -> list[Cha
             service = f.read()
     except OSError as exc:
         raise SetupError(f"cannot read {paths.pam_file}: {exc.strerror}") from None
-    include = f"@include otpgate-ssh-{flow}"
+    include = f"@include {name}"
     if _OUR_INCLUDE.search(service):
         new_service = _OUR_INCLUDE.sub(include, service)
     elif _COMMON_AUTH.search(service):
@@ -109,7 +125,7 @@ def plan(flow: str, paths: Paths, hook: str, hook_options: str = "") -> list[Cha
         )
     _check_dropin_is_read(paths)
     return [
-        Change(paths.snippet_file(flow), render_pam(flow, hook, hook_options)),
+        Change(paths.snippet_file(name), render_pam(name, hook, hook_options)),
         Change(paths.pam_file, new_service),
         Change(paths.dropin, snippet(f"otpgate-{flow}.conf")),
     ]
@@ -239,6 +255,7 @@ def setup(
     *,
     hook: str,
     hook_options: str = "",
+    prompt: str = "when-needed",
     lockout_risk: str | None,
     force: bool = False,
     dry_run: bool = False,
@@ -246,7 +263,7 @@ def setup(
     checks: Checks = doctor_checks,
 ) -> list[str]:
     """Wire `flow`; returns what it did (or would do), one line each."""
-    changes = plan(flow, paths, hook, hook_options)
+    changes = plan(flow, paths, hook, hook_options, prompt)
     if lockout_risk and not force:
         raise FailedPrecondition(f"{lockout_risk}; fix that first, or pass --force")
     report = [f"write {c.path}" for c in changes]
