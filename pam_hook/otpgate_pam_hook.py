@@ -20,8 +20,6 @@ Options: socket=PATH (absolute; default /run/otpgate/pam.sock)
              also passes when the daemon says the account needs no code now)
 """
 
-from __future__ import annotations
-
 # Built-in modules only: `socket` imports selectors and enum (5 ms per login), and
 # `os` alone costs more than a millisecond when Python starts with -S.
 import _socket
@@ -29,6 +27,8 @@ import posix
 import sys
 import time
 
+# No `from __future__ import annotations` either (a file read per login): annotations
+# naming these type-only imports are strings.
 TYPE_CHECKING = False  # typing and collections.abc cost milliseconds at every start
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -529,7 +529,7 @@ class Options:
                 raise UsageError(f"unknown option {key!r}")
 
 
-def _pam_item(env: Mapping[str, str], name: str, *, required: bool) -> str:
+def _pam_item(env: "Mapping[str, str]", name: str, *, required: bool) -> str:
     value = env.get(name, "")
     if required and not value:
         raise UsageError(f"{name} is not set (is this run by pam_exec?)")
@@ -538,7 +538,7 @@ def _pam_item(env: Mapping[str, str], name: str, *, required: bool) -> str:
     return value
 
 
-def _read_authtok(stdin: BinaryIO) -> str:
+def _read_authtok(stdin: "BinaryIO") -> str:
     data = stdin.read(MAX_AUTHTOK + 2)
     if len(data) > MAX_AUTHTOK + 1:
         raise UsageError("the token on stdin is too long")
@@ -547,7 +547,7 @@ def _read_authtok(stdin: BinaryIO) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def _say(out: TextIO, message: str) -> None:
+def _say(out: "TextIO", message: str) -> None:
     text = "".join(c for c in message[:512] if c.isprintable())
     if text:
         print(text, file=out, flush=True)
@@ -563,7 +563,7 @@ def _log(priority: int, text: str) -> None:
     syslog.syslog(priority, text)
 
 
-def run(argv: list[str], env: Mapping[str, str], stdin: BinaryIO, out: TextIO) -> int:
+def run(argv: list[str], env: "Mapping[str, str]", stdin: "BinaryIO", out: "TextIO") -> int:
     try:
         options = Options(argv)
         if env.get("PAM_TYPE") != "auth":
