@@ -62,7 +62,7 @@ def test_config_page_lists_every_key() -> None:
 def test_hook_page_lists_every_mode_and_option() -> None:
     page = _page("otpgate-pam-hook.8")
     for word in ("check", "verify", "single-prompt", "first-factor-done", "socket=", "timeout=",
-                 "fail="):  # fmt: skip
+                 "fail=", "first-factor="):  # fmt: skip
         assert word in page
 
 
