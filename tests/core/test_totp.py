@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 
+import pyotp
 import pytest
 
 from otpgate.core import totp
@@ -107,3 +108,27 @@ def test_provisioning_uri_key_uri_format() -> None:
     uri = totp.provisioning_uri(RFC_SECRET, account="a@h", issuer="My Co", digits=8, interval=60)
     assert uri.startswith("otpauth://totp/My%20Co:a%40h?")
     assert "issuer=My%20Co" in uri and "digits=8" in uri and "period=60" in uri
+
+
+def test_hotp_rfc4226_vectors() -> None:
+    # RFC 4226 Appendix D: secret "12345678901234567890", counters 0..9, 6 digits.
+    expected = ["755224", "287082", "359152", "969429", "338314",
+                "254676", "287922", "162583", "399871", "520489"]  # fmt: skip
+    assert [totp.hotp(b"12345678901234567890", c, 6) for c in range(10)] == expected
+
+
+def test_hotp_agrees_with_pyotp() -> None:
+    for digits in (6, 7, 8):
+        secret = totp.new_secret()
+        reference = pyotp.HOTP(secret, digits=digits)
+        key = base64.b32decode(secret)
+        for counter in (0, 1, 59, 2**31, 2**40 + 7):
+            assert totp.hotp(key, counter, digits) == reference.at(counter)
+
+
+def test_secret_without_padding_or_in_lower_case_decodes() -> None:
+    secret = base64.b32encode(b"0123456789abcdef").decode().rstrip("=")  # 26 chars, no padding
+    code = pyotp.TOTP(secret).at(1_700_000_000)
+    for form in (secret, secret.lower()):
+        step = totp.matching_step(form, code, now=1_700_000_000, interval=30, digits=6, window=0)
+        assert step == 1_700_000_000 // 30

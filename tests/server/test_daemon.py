@@ -356,3 +356,26 @@ def test_stale_socket_from_a_crash_is_replaced(daemon: Daemon) -> None:
     assert os.path.exists(daemon.admin_socket)
     daemon.start()
     assert daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=5).window == 0
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_log_lines_leave_time_and_pid_to_the_journal(tmp_path: Path, journal: bool) -> None:
+    daemon = Daemon(tmp_path)
+    daemon.log_path.touch()
+    info = os.stat(daemon.log_path)
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    if journal:
+        env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+    with open(daemon.log_path, "ab") as log:
+        proc = subprocess.Popen(daemon.args(), stdout=log, stderr=log, env=env)
+    daemon.proc = proc
+    try:
+        daemon.wait_ready()
+    finally:
+        daemon.stop()
+    started = next(line for line in daemon.log().splitlines() if "started version=" in line)
+    if journal:
+        assert started.startswith("INFO started version=")
+    else:
+        assert f" otpgated[{proc.pid}] INFO started version=" in started
+        time.strptime(started[:19], "%Y-%m-%d %H:%M:%S")

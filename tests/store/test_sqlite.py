@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,29 @@ def test_changes_leave_audit_events(tmp_path: Path) -> None:
     store.delete_secret("alice")
     events = [row[0] for row in store._query("SELECT event FROM audit_events ORDER BY id")]
     assert events == ["secret_renewed", "locked", "secret_unset"]
+
+
+def test_log_is_copied_into_the_database_by_the_checkpoint_thread(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    store = SQLiteStore(str(path))
+    # Far below the fallback threshold: only the checkpoint thread can move these
+    # pages into the database file.
+    assert store._query("PRAGMA wal_autocheckpoint")[0][0] >= 10_000
+    store.put_secret(_record("alice", 1000))
+    for step in range(1, 50):
+        assert store.accept_step("alice", 1000, step)
+    deadline = time.monotonic() + 10
+    while True:
+        # The database file alone, without its log, as a backup copy of it would be.
+        copy = tmp_path / "copy"
+        shutil.copyfile(path, copy)
+        try:
+            found = sqlite3.connect(copy).execute("SELECT last_step FROM secrets").fetchall()
+        except sqlite3.OperationalError:  # not even the table has been copied yet
+            found = []
+        if found == [(49,)] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    store.close()
+    assert found == [(49,)]
+    assert not store._checkpointer._thread.is_alive()

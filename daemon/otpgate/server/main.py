@@ -182,12 +182,31 @@ def run(config: daemon_config.DaemonConfig) -> int:
         store.close()
 
 
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM to "device:inode" of the stream it connected.
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
+
+
+def _configure_logging() -> None:
+    # Every verification writes a line, so the record skips what no format here uses
+    # (the logging HOWTO's "Optimization" switches): about half of a line's cost.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller frame lookup
+    if _stderr_is_journal():
+        fmt = "%(levelname)s %(message)s"  # the journal records time and pid itself
+    else:
+        fmt = f"%(asctime)s otpgated[{os.getpid()}] %(levelname)s %(message)s"
+    logging.basicConfig(stream=sys.stderr, format=fmt, level=logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        stream=sys.stderr,
-        format="%(asctime)s otpgated[%(process)d] %(levelname)s %(message)s",
-        level=logging.INFO,
-    )
+    _configure_logging()
     try:
         config = daemon_config.load(argv)
         logging.getLogger().setLevel(config.log_level.upper())
