@@ -126,7 +126,7 @@ def _rows(callers: int, empty: list[float], verify: list[float], ratios: list[fl
 def run(quick: bool) -> list[Row]:
     rows: list[Row] = []
     server_cpus, client_cpus = cpu_split()
-    rounds, per_round = (2, 1500) if quick else (5, 3000)
+    rounds, per_round = (2, 1500) if quick else (9, 3000)
     with bench_users(64) as users, bench_daemon(server_cpus) as daemon:
         daemon.start()
         names = [name for name, _ in users]

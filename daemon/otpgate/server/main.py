@@ -17,12 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from otpgate import __version__
+from otpgate.core.accounts import CachedAccountLookup
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.service import TwoFactorService
 from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
-from otpgate.server import sdnotify
+from otpgate.server import logs, sdnotify
 from otpgate.server.admin import AdminServicer
 from otpgate.server.keys import load_keyring
 from otpgate.server.pam import PamServicer
@@ -134,7 +135,10 @@ def run(config: daemon_config.DaemonConfig) -> int:
     try:
         keyring = load_keyring(config, store)
         service = TwoFactorService(
-            store, keyring, default_issuer=config.issuer or os.uname().nodename
+            store,
+            keyring,
+            default_issuer=config.issuer or os.uname().nodename,
+            accounts=CachedAccountLookup(),
         )
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
         otpgate_pb2_grpc.add_TwoFactorAdminServicer_to_server(AdminServicer(service), admin.server)
@@ -182,31 +186,8 @@ def run(config: daemon_config.DaemonConfig) -> int:
         store.close()
 
 
-def _stderr_is_journal() -> bool:
-    # systemd sets JOURNAL_STREAM to "device:inode" of the stream it connected.
-    try:
-        info = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return os.environ.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
-
-
-def _configure_logging() -> None:
-    # Every verification writes a line, so the record skips what no format here uses
-    # (the logging HOWTO's "Optimization" switches): about half of a line's cost.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None  # no caller frame lookup
-    if _stderr_is_journal():
-        fmt = "%(levelname)s %(message)s"  # the journal records time and pid itself
-    else:
-        fmt = f"%(asctime)s otpgated[{os.getpid()}] %(levelname)s %(message)s"
-    logging.basicConfig(stream=sys.stderr, format=fmt, level=logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _configure_logging()
+    logs.configure()
     try:
         config = daemon_config.load(argv)
         logging.getLogger().setLevel(config.log_level.upper())

@@ -1,0 +1,128 @@
+"""Account lookup: NSS facts, and the cache that must never outlive a change."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Hashable
+
+import pytest
+
+from otpgate.core.accounts import (
+    Account,
+    CachedAccountLookup,
+    check_username,
+    lookup_account,
+    passwd_file_stamp,
+)
+from otpgate.errors import InvalidArgument
+
+
+class FakeNss:
+    """A directory whose answers, clock and passwd stamp the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.uids: dict[str, int] = {"alice": 1000}
+        self.calls = 0
+        self.now = 100.0
+        self.stamp: Hashable = ("passwd", 1)
+
+    def lookup(self, username: str) -> Account | None:
+        self.calls += 1
+        uid = self.uids.get(username)
+        return None if uid is None else Account(username, uid, uid, "", "/home", "/bin/sh")
+
+    def cache(self, **kwargs: object) -> CachedAccountLookup:
+        return CachedAccountLookup(
+            self.lookup,
+            clock=lambda: self.now,
+            stamp=lambda: self.stamp,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+def test_answers_are_reused_within_the_ttl() -> None:
+    nss = FakeNss()
+    cache = nss.cache(ttl=5.0)
+    first = cache("alice")
+    nss.now += 4.9
+    assert cache("alice") == first and nss.calls == 1
+    nss.now += 0.2
+    assert cache("alice") == first and nss.calls == 2
+
+
+def test_a_changed_passwd_file_is_seen_at_the_next_call() -> None:
+    nss = FakeNss()
+    cache = nss.cache(ttl=3600.0)
+    assert cache("alice") is not None and cache("alice").uid == 1000  # type: ignore[union-attr]
+    nss.uids["alice"] = 2000  # userdel + useradd: another uid under the same name
+    nss.stamp = ("passwd", 2)
+    account = cache("alice")
+    assert account is not None and account.uid == 2000
+
+
+def test_unknown_names_are_remembered_until_the_file_changes() -> None:
+    nss = FakeNss()
+    cache = nss.cache(ttl=3600.0)
+    assert cache("bob") is None and cache("bob") is None
+    assert nss.calls == 1
+    nss.uids["bob"] = 1001
+    nss.stamp = ("passwd", 2)
+    assert cache("bob") is not None
+
+
+def test_nothing_is_kept_when_the_passwd_file_cannot_be_read() -> None:
+    nss = FakeNss()
+    nss.stamp = None
+    cache = nss.cache(ttl=3600.0)
+    cache("alice")
+    cache("alice")
+    assert nss.calls == 2
+
+
+def test_an_answer_read_across_a_change_is_not_kept() -> None:
+    nss = FakeNss()
+    cache = CachedAccountLookup(nss.lookup, ttl=3600.0, clock=lambda: nss.now,
+                                stamp=lambda: nss.stamp)  # fmt: skip
+    cache("alice")  # the cache has seen stamp 1
+
+    def lookup_while_the_file_changes(username: str) -> Account | None:
+        answer = nss.lookup(username)
+        nss.stamp = ("passwd", 2)  # replaced after this read...
+        cache._lookup = nss.lookup
+        cache("carol")  # ...and another caller already saw the new file
+        return answer
+
+    cache._lookup = lookup_while_the_file_changes
+    nss.stamp = ("passwd", 1.5)
+    cache("alice")
+    calls = nss.calls
+    cache("alice")
+    assert nss.calls == calls + 1  # the answer read under stamp 1.5 was dropped
+
+
+def test_the_cache_is_bounded() -> None:
+    nss = FakeNss()
+    cache = nss.cache(ttl=3600.0, max_entries=3)
+    for name in ("a1", "a2", "a3", "a4"):
+        cache(name)
+    assert len(cache._entries) <= 3
+
+
+def test_stamp_follows_the_real_passwd_file() -> None:
+    assert passwd_file_stamp() == passwd_file_stamp()
+    info = os.stat("/etc/passwd")
+    stamp = passwd_file_stamp()
+    assert isinstance(stamp, tuple) and info.st_ino in stamp
+
+
+def test_real_lookup_matches_nss() -> None:
+    root = lookup_account("root")
+    assert root is not None and root.uid == 0 and root.home == pwd.getpwnam("root").pw_dir
+    assert lookup_account("no-such-user-otpgate") is None
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".x", "a b", "a/b", "x" * 300, "é"])
+def test_bad_usernames_refused(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="username"):
+        check_username(name)
