@@ -5,14 +5,16 @@ that hands the interpreter lock to another thread: at 64 concurrent logins that
 was a tenth of the daemon's throughput. Lines are therefore written at once while
 they are rare, and gathered for at most `interval` seconds when they come faster
 than that; warnings and errors always go out at once, and whatever is pending is
-written at shutdown (logging.shutdown runs at exit). Only a SIGKILL or power loss
-can drop the last `interval` seconds of lines.
+written at shutdown (logging.shutdown runs at exit) and before a traceback. An
+end without exit handlers (SIGKILL, the watchdog's abort, a crash in C code) can
+drop the last `interval` seconds of lines.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -38,6 +40,7 @@ class BatchingHandler(logging.Handler):
         self._last_write = float("-inf")
         self._wake = threading.Event()
         self._closed = False
+        self.lost_writes = 0
         self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -66,10 +69,13 @@ class BatchingHandler(logging.Handler):
                 try:
                     self._stream.write(text)
                     self._stream.flush()
-                except (OSError, ValueError):
-                    pass  # stderr gone (closed journal stream): nothing else to tell
+                except Exception:  # a failing stderr must never fail a login...
+                    self.lost_writes += 1  # ...and there is nowhere else to tell
 
     def _run(self) -> None:
+        # Signals are for the main thread: one delivered here would take its default
+        # action (SIGTERM: death) before the daemon's handler could drain the calls.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while not self._closed:
             self._wake.wait()
             if self._closed:
@@ -87,11 +93,16 @@ class BatchingHandler(logging.Handler):
         super().close()
 
 
+def flush() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def _stderr_is_journal() -> bool:
     # systemd sets JOURNAL_STREAM to "device:inode" of the stream it connected.
     try:
         info = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # None when started with fd 2 closed
         return False
     return os.environ.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
 
@@ -107,6 +118,7 @@ def configure() -> None:
         fmt = "%(levelname)s %(message)s"  # the journal records time and pid itself
     else:
         fmt = f"%(asctime)s otpgated[{os.getpid()}] %(levelname)s %(message)s"
-    handler = BatchingHandler(sys.stderr)
+    stream = sys.stderr if sys.stderr is not None else open(os.devnull, "w")  # noqa: SIM115
+    handler = BatchingHandler(stream)
     handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(handlers=[handler], level=logging.INFO)

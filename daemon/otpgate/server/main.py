@@ -187,6 +187,8 @@ def run(config: daemon_config.DaemonConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Blocked before the log writer starts, for the reason given in run().
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     logs.configure()
     try:
         config = daemon_config.load(argv)
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except OtpgateError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 1
+    finally:
+        logs.flush()  # pending lines before any traceback Python prints next
 
 
 if __name__ == "__main__":

@@ -337,6 +337,8 @@ class _Checkpointer:
 
     def __init__(self, path: str, interval: float = _CHECKPOINT_INTERVAL) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # A checkpoint syncs as its own connection says: FULL, whatever the build's default.
+        self._db.execute("PRAGMA synchronous=FULL")
         self._interval = interval
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
@@ -346,8 +348,8 @@ class _Checkpointer:
         while not self._stopping.wait(self._interval):
             try:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:  # retried next round; the fallback bounds the log
-                log.warning("checkpoint_failed error=%s", exc)
+            except Exception as exc:  # retried next round; the fallback bounds the log
+                log.warning("checkpoint_failed error=%s: %s", type(exc).__name__, exc)
 
     def stop(self) -> None:
         self._stopping.set()
