@@ -136,6 +136,21 @@ def test_recreated_account_is_not_enrolled(env: tuple) -> None:
     assert [v.account.username for v in service.list_users()] == []
 
 
+def test_a_new_secret_is_bound_to_the_uid_nss_reports_now(tmp_path: Path) -> None:
+    cached, current = Accounts(), Accounts()
+    cached.add("alice", 1000)  # what a cache still remembers
+    current.add("alice", 2000)  # recreated a moment ago
+    service = TwoFactorService(
+        SQLiteStore(str(tmp_path / "db.sqlite3")),
+        Keyring(b"k" * 32),
+        default_issuer="Test",
+        accounts=cached,
+        accounts_for_enrollment=current,
+    )
+    view = service.renew_secret("alice")
+    assert view.record is not None and view.record.uid == 2000
+
+
 def test_lockout_after_threshold_and_doubling(env: tuple) -> None:
     service, clock, _, _ = env
     service.update_config({"lockout_threshold": 3, "lockout_seconds": 60})

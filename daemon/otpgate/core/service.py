@@ -63,6 +63,7 @@ class TwoFactorService:
         default_issuer: str,
         hostname: str | None = None,
         accounts: AccountLookup = lookup_account,
+        accounts_for_enrollment: AccountLookup | None = None,
         clock: Clock = time.time,
     ) -> None:
         self._store = store
@@ -70,6 +71,9 @@ class TwoFactorService:
         self._default_issuer = default_issuer
         self._hostname = hostname or socket.gethostname()
         self._accounts = accounts
+        # The uid a new secret is bound to comes from NSS itself, never from a cache
+        # (`accounts` may be one) that could still hold a recreated account's old uid.
+        self._accounts_for_enrollment = accounts_for_enrollment or accounts
         self._clock = clock
         self.check_key()
 
@@ -116,8 +120,8 @@ class TwoFactorService:
 
     # -- accounts and secrets -------------------------------------------------------
 
-    def _account(self, username: str) -> Account:
-        account = self._accounts(check_username(username))
+    def _account(self, username: str, lookup: AccountLookup | None = None) -> Account:
+        account = (lookup or self._accounts)(check_username(username))
         if account is None:
             raise NotFound(f"no such account: {username}")
         return account
@@ -149,7 +153,7 @@ class TwoFactorService:
         settings = self._store.load_settings()
         digits = check_int("otp_digits", otp_digits or settings.otp_digits, DIGITS_BOUNDS)
         seconds = check_int("interval", interval or settings.interval, INTERVAL_BOUNDS)
-        account = self._account(username)
+        account = self._account(username, lookup=self._accounts_for_enrollment)
         secret = totp.new_secret()
         record = SecretRecord(
             username=account.username,

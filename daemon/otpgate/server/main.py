@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from otpgate import __version__
-from otpgate.core.accounts import CachedAccountLookup
+from otpgate.core.accounts import CachedAccountLookup, lookup_account
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.service import TwoFactorService
@@ -139,6 +139,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
             keyring,
             default_issuer=config.issuer or os.uname().nodename,
             accounts=CachedAccountLookup(),
+            accounts_for_enrollment=lookup_account,
         )
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
         otpgate_pb2_grpc.add_TwoFactorAdminServicer_to_server(AdminServicer(service), admin.server)
