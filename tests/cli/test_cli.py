@@ -664,7 +664,7 @@ def test_qr_defaults_to_utf8_on_a_terminal(daemon: Daemon, user: LocalUser, tmp_
 
 def test_bad_qr_value_is_refused_before_renewing(daemon: Daemon, user: LocalUser) -> None:
     uri = renew(daemon, user.name)
-    specs = ("gif:x.gif", "png:", "svg:", "utf8:x", "none:x", "PNG:x.png", "ascii")
+    specs = ("gif:x.gif", "png:", "svg:", "utf8:x", "none:x", "PNG:x.png", "ascii", "")
     commands = [
         [c, user.name, "--qr", spec] for spec in specs for c in ("renew-secret", "provisioning-uri")
     ]
@@ -980,6 +980,7 @@ def test_user_list(daemon: Daemon, make_user: Callable[..., LocalUser]) -> None:
         assert entry["twofactor_config"]["provisioning_uri"] is None
         assert entry["twofactor_auth_configured"] is True
     assert json.loads(ok(daemon, "--json", "user", "list")) == listing
+    assert json.loads(ok(daemon, "user", "--json", "list")) == listing
 
 
 def test_user_show(daemon: Daemon, user: LocalUser) -> None:

@@ -338,8 +338,12 @@ def _positive(name: str, value: int | None) -> int:
     return value
 
 
+def _default_qr(args: argparse.Namespace) -> str:
+    return "utf8" if sys.stdout.isatty() and not args.json else "none"
+
+
 def _show_uri(uri: str, args: argparse.Namespace) -> None:
-    spec = args.qr or ("utf8" if sys.stdout.isatty() and not args.json else "none")
+    spec = args.qr if args.qr is not None else _default_qr(args)
     if args.json:
         if spec.startswith(("png:", "svg:")):
             qr.emit(uri, spec, sys.stderr)
@@ -351,7 +355,7 @@ def _show_uri(uri: str, args: argparse.Namespace) -> None:
 
 
 def cmd_renew_secret(client: Client, args: argparse.Namespace) -> int:
-    qr.check_format(args.qr or "none")
+    qr.check_format(args.qr if args.qr is not None else "none")  # "" is refused
     request = pb.RenewSecretRequest(
         username=args.user or _current_user(),
         twofactor_options=pb.TwoFactorOptions(
@@ -368,7 +372,7 @@ def cmd_renew_secret(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_provisioning_uri(client: Client, args: argparse.Namespace) -> int:
-    qr.check_format(args.qr or "none")
+    qr.check_format(args.qr if args.qr is not None else "none")  # "" is refused
     response = client.call(
         "GetProvisioningUri", pb.GetProvisioningUriRequest(username=args.user or _current_user())
     )
@@ -646,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--pam-dir", default="/etc/pam.d", help="PAM directory (default %(default)s)"
     )
-    setup = commands.add_parser("setup", help="wire otpgate into a service")
+    # The common options also between the command and its subcommand (`user --json list`).
+    setup = commands.add_parser("setup", parents=[common], help="wire otpgate into a service")
     setup_commands = setup.add_subparsers(dest="setup_command", metavar="SERVICE", required=True)
     wire = setup_commands.add_parser(
         "ssh",
@@ -682,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     wire.add_argument(
         "--backup-dir", default="/var/lib/otpgate/setup-backup", help="(default %(default)s)"
     )
-    user = commands.add_parser("user", help="show enrolled accounts")
+    user = commands.add_parser("user", parents=[common], help="show enrolled accounts")
     user_commands = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True)
     show = user_commands.add_parser(
         "show", parents=[common], help="one account's 2FA state (default: yours)"
