@@ -106,13 +106,14 @@ def measure(
     return len(latencies) / elapsed, latencies
 
 
-def _rows(callers: int, empty: list[float], verify: list[float], ratios: list[float],
+def _rows(callers: int, empty: list[float], verify: list[float],
           empty_ms: list[float], verify_ms: list[float]) -> list[Row]:  # fmt: skip
     def spread(rates: list[float], latencies: list[float]) -> str:
         return (f"p50 {percentile(latencies, 0.5) * 1000:.2f} ms, "
                 f"p99 {percentile(latencies, 0.99) * 1000:.2f} ms; "
                 f"rounds {min(rates):,.0f}-{max(rates):,.0f}")  # fmt: skip
 
+    ratios = [v / e for v, e in zip(verify, empty, strict=True)]  # each round's pair
     ratio = statistics.median(ratios)
     return [
         Row("throughput", f"empty RPC, {callers} callers", statistics.median(empty),
@@ -148,6 +149,5 @@ def run(quick: bool) -> list[Row]:
                 rate, latencies = measure(socket, "verify", names, callers, per_round, client_cpus)
                 verify.append(rate)
                 verify_ms += latencies
-            ratios = [v / e for v, e in zip(verify, empty, strict=True)]
-            rows += _rows(callers, empty, verify, ratios, empty_ms, verify_ms)
+            rows += _rows(callers, empty, verify, empty_ms, verify_ms)
     return rows

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pwd
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import pytest
 
@@ -16,6 +15,7 @@ from otpgate.core.accounts import (
     passwd_file_stamp,
 )
 from otpgate.errors import InvalidArgument
+from tests.conftest import LocalUser
 
 
 class FakeNss:
@@ -109,11 +109,14 @@ def test_the_cache_is_bounded() -> None:
     assert len(cache._entries) <= 3
 
 
-def test_stamp_follows_the_real_passwd_file() -> None:
-    assert passwd_file_stamp() == passwd_file_stamp()
-    info = os.stat("/etc/passwd")
-    stamp = passwd_file_stamp()
-    assert isinstance(stamp, tuple) and info.st_ino in stamp
+def test_stamp_follows_the_real_passwd_file(make_user: Callable[..., LocalUser]) -> None:
+    before = passwd_file_stamp()
+    assert before is not None and before == passwd_file_stamp()
+    user = make_user()  # useradd rewrites /etc/passwd
+    assert passwd_file_stamp() != before
+    cache = CachedAccountLookup()
+    account = cache(user.name)
+    assert account is not None and account.uid == user.uid
 
 
 def test_real_lookup_matches_nss() -> None:

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -379,3 +380,21 @@ def test_log_lines_leave_time_and_pid_to_the_journal(tmp_path: Path, journal: bo
     else:
         assert f" otpgated[{proc.pid}] INFO started version=" in started
         time.strptime(started[:19], "%Y-%m-%d %H:%M:%S")
+
+
+def test_a_stop_signal_during_start_waits_for_the_handler() -> None:
+    # main() starts logging (and its writer thread) before run() installs the stop
+    # handler: a SIGTERM in between must wait for the handler, not kill the daemon.
+    program = (
+        "import os, signal\n"
+        "from otpgate.server import main\n"
+        "main._start_logging()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda *_: got.append(1))\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
+        "print('handled' if got else 'missed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "handled", done

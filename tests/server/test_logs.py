@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from otpgate.server.logs import BatchingHandler
 
@@ -24,27 +27,39 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def _logger(handler: logging.Handler, name: str) -> logging.Logger:
-    logger = logging.getLogger(f"otpgate-test-{name}")
-    logger.propagate = False
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    return logger
+Batching = Callable[..., tuple[CountingStream, BatchingHandler, logging.Logger]]
 
 
-def test_a_rare_line_is_written_at_once() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, interval=0.5)
-    log = _logger(handler, "rare")
+@pytest.fixture
+def batching(request: pytest.FixtureRequest) -> Iterator[Batching]:
+    """A handler on a counting stream and a logger of its own; closed afterwards."""
+    handlers: list[BatchingHandler] = []
+
+    def make(
+        interval: float, stream: CountingStream | None = None
+    ) -> tuple[CountingStream, BatchingHandler, logging.Logger]:
+        stream = stream if stream is not None else CountingStream()
+        handler = BatchingHandler(stream, interval=interval)
+        handlers.append(handler)
+        logger = logging.getLogger(f"otpgate-test-{request.node.name}-{len(handlers)}")
+        logger.propagate = False
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        return stream, handler, logger
+
+    yield make
+    for handler in handlers:
+        handler.close()
+
+
+def test_a_rare_line_is_written_at_once(batching: Batching) -> None:
+    stream, _, log = batching(0.5)
     log.info("first")
     assert stream.getvalue() == "first\n"
-    handler.close()
 
 
-def test_a_burst_is_gathered_into_few_writes_in_order() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, interval=0.2)
-    log = _logger(handler, "burst")
+def test_a_burst_is_gathered_into_few_writes_in_order(batching: Batching) -> None:
+    stream, _, log = batching(0.2)
     for i in range(200):
         log.info("line %d", i)
     assert stream.writes < 200  # the first went out alone, the rest wait
@@ -53,30 +68,24 @@ def test_a_burst_is_gathered_into_few_writes_in_order() -> None:
         time.sleep(0.05)
     assert stream.getvalue() == "".join(f"line {i}\n" for i in range(200))
     assert stream.writes <= 3
-    handler.close()
 
 
-def test_warnings_are_never_held_back() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, interval=60)
-    log = _logger(handler, "warning")
+def test_warnings_are_never_held_back(batching: Batching) -> None:
+    stream, _, log = batching(60)
     log.info("a")
     log.info("b")  # held: within the interval of "a"
     log.warning("c")
     assert stream.getvalue() == "a\nb\nc\n"
-    handler.close()
 
 
-def test_close_writes_what_is_pending() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, interval=60)
-    log = _logger(handler, "close")
+def test_close_writes_what_is_pending_and_ends_the_writer(batching: Batching) -> None:
+    stream, handler, log = batching(60)
     log.info("a")
     log.info("b")
     assert stream.getvalue() == "a\n"
     handler.close()
     assert stream.getvalue() == "a\nb\n"
-    assert not handler._writer.is_alive() or handler._writer.join(1) is None
+    handler._writer.join(timeout=5)
     assert not handler._writer.is_alive()
 
 
@@ -98,14 +107,13 @@ def test_lines_pending_at_exit_reach_stderr() -> None:
     assert time.monotonic() - started < 10
 
 
-class BrokenStream(io.StringIO):
+class BrokenStream(CountingStream):
     def write(self, text: str) -> int:
         raise RuntimeError("stream broken")
 
 
-def test_a_failing_stream_never_reaches_the_caller() -> None:
-    handler = BatchingHandler(BrokenStream(), interval=0.05)
-    log = _logger(handler, "broken")
+def test_a_failing_stream_never_reaches_the_caller(batching: Batching) -> None:
+    _, handler, log = batching(0.05, BrokenStream())
     for i in range(50):
         log.info("line %d", i)  # would raise inside a verification otherwise
     log.warning("w")
@@ -114,10 +122,8 @@ def test_a_failing_stream_never_reaches_the_caller() -> None:
     assert handler.lost_writes >= 2
 
 
-def test_lines_after_close_are_written_at_once() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, interval=60)
-    log = _logger(handler, "after")
+def test_lines_after_close_are_written_at_once(batching: Batching) -> None:
+    stream, handler, log = batching(60)
     handler.close()
     log.info("a")
     log.info("b")
@@ -130,9 +136,8 @@ def _blocked_signals(native_id: int) -> int:
                     if line.startswith("SigBlk:")), 16)  # fmt: skip
 
 
-def test_the_writer_thread_takes_no_signals() -> None:
-    handler = BatchingHandler(CountingStream(), interval=0.05)
-    log = _logger(handler, "signals")
+def test_the_writer_thread_takes_no_signals(batching: Batching) -> None:
+    _, handler, log = batching(0.05)
     log.info("a")
     log.info("b")  # wakes the writer, which has set its mask by the time it writes
     deadline = time.monotonic() + 5
@@ -142,26 +147,6 @@ def test_the_writer_thread_takes_no_signals() -> None:
     blocked = _blocked_signals(handler._writer.native_id)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         assert blocked & (1 << (sig - 1)), sig
-    handler.close()
-
-
-def test_a_stop_signal_during_start_reaches_the_daemon_s_handler() -> None:
-    # The daemon blocks stop signals before the log writer starts and installs its
-    # handler later: a SIGTERM in between must wait for the handler, not kill.
-    program = (
-        "import os, signal, sys\n"
-        "from otpgate.server import logs\n"
-        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-        "logs.configure()\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "got = []\n"
-        "signal.signal(signal.SIGTERM, lambda *_: got.append(1))\n"
-        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
-        "print('handled' if got else 'missed')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=30)  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == "handled", done
 
 
 def test_starts_with_standard_error_closed() -> None:
@@ -173,6 +158,5 @@ def test_starts_with_standard_error_closed() -> None:
         "print('alive')\n"
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          stderr=None, timeout=30, pass_fds=(),
-                          preexec_fn=lambda: os.close(2))  # fmt: skip
+                          timeout=30, preexec_fn=lambda: os.close(2))  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "alive"

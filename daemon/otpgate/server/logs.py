@@ -1,8 +1,9 @@
 """otpgated's log: one line per event on stderr (the journal under systemd).
 
 Every verification writes a line. Written one by one, each line is a system call
-that hands the interpreter lock to another thread: at 64 concurrent logins that
-was a tenth of the daemon's throughput. Lines are therefore written at once while
+that hands the interpreter lock to another thread: at 64 concurrent logins,
+dropping the line altogether raised verifications by 9 to 18 points of the
+empty-RPC rate in the benchmark. Lines are therefore written at once while
 they are rare, and gathered for at most `interval` seconds when they come faster
 than that; warnings and errors always go out at once, and whatever is pending is
 written at shutdown (logging.shutdown runs at exit) and before a traceback. An
@@ -18,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import TextIO
 
 BATCH_INTERVAL = 0.1  # seconds
@@ -30,12 +30,10 @@ class BatchingHandler(logging.Handler):
         stream: TextIO,
         *,
         interval: float = BATCH_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self._stream = stream
         self._interval = interval
-        self._clock = clock
         self._pending: list[str] = []
         self._last_write = float("-inf")
         self._wake = threading.Event()
@@ -52,7 +50,7 @@ class BatchingHandler(logging.Handler):
             return
         # handle() holds self.lock around emit: _pending and _last_write are ours.
         self._pending.append(line)
-        quiet = self._clock() - self._last_write >= self._interval
+        quiet = time.monotonic() - self._last_write >= self._interval
         if quiet or record.levelno >= logging.WARNING or self._closed:
             self.flush()
         else:
@@ -64,7 +62,7 @@ class BatchingHandler(logging.Handler):
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
             text = "".join(self._pending)
             self._pending.clear()
-            self._last_write = self._clock()
+            self._last_write = time.monotonic()
             if text:
                 try:
                     self._stream.write(text)

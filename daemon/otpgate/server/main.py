@@ -123,10 +123,7 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def run(config: daemon_config.DaemonConfig) -> int:
-    # Every thread started from here on inherits a mask without the stop signals, so
-    # they reach only the main thread, never a worker waiting inside PAM (pam_exec's
-    # child, a password check) where an interrupted system call would fail a login.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    """Serve until SIGTERM/SIGINT; main() has blocked those before any thread started."""
     os.umask(0o077)
     _prepare_dir(config.state_dir, 0o700)
     _prepare_dir(config.runtime_dir, 0o755)
@@ -187,10 +184,17 @@ def run(config: daemon_config.DaemonConfig) -> int:
         store.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Blocked before the log writer starts, for the reason given in run().
+def _start_logging() -> None:
+    # Every thread (the log writer, the gRPC workers) inherits a mask without the stop
+    # signals, so they reach only the main thread, never a worker waiting inside PAM
+    # (pam_exec's child, a password check) where an interrupted system call would
+    # fail a login; run() unblocks them here once its handler is in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     logs.configure()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _start_logging()
     try:
         config = daemon_config.load(argv)
         logging.getLogger().setLevel(config.log_level.upper())
