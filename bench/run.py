@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import lib
 
-SECTIONS = ("hook_latency", "throughput", "storm", "login", "scale")
+SECTIONS = ("hook_latency", "throughput", "storm", "login", "guess_rate", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:

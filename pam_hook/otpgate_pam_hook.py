@@ -14,10 +14,28 @@ Modes:  check              0 when the account needs no code for this service now
         first-factor-done  0 when sshd reports a passed first factor (SSH_AUTH_INFO_0)
 Options: socket=PATH (absolute; default /run/otpgate/pam.sock)
          timeout=SECONDS (0.1..30; default 3)
-         fail=secure|safe (what a daemon failure means: deny, or allow and log it)
+         fail=secure|safe (what an unreachable daemon means: deny, or allow and log it)
          first-factor=required (check, verify: deny unless sshd reports a passed first
              factor, so one call does what a first-factor-done line would; verify then
              also passes when the daemon says the account needs no code now)
+
+fail=safe allows only when the daemon did not answer: the connection to the socket
+failed, or no reply to our call (response HEADERS or RST_STREAM on our stream) came
+before the deadline or before the connection ended (EOF, GOAWAY). Once the daemon has
+answered, anything but the wanted verdict denies in both fail modes: an error status,
+a reset call, a non-200 :status, bytes that do not parse, a reply cut short, an
+unknown verdict. single-prompt refuses fail=safe (a usage error, so it always
+denies): there the daemon is the only check of the password, and fail=safe would let
+anyone in without one while the daemon is down.
+
+The token on stdin (verify, single-prompt; check and first-factor-done read none)
+must be text, whatever the mode and the fail mode: valid UTF-8, at most MAX_AUTHTOK
+bytes, no NUL or other control character (C0 or DEL), after dropping the one NUL or
+newline pam_exec ends it with. Anything else denies before the daemon is asked. An
+empty token is text and goes to the daemon, which decides.
+
+validate_options(argv) checks a PAM line's MODE [OPTION=VALUE...] without running
+anything, for tools that write such lines.
 """
 
 # Built-in modules only: `socket` imports selectors and enum (5 ms per login), and
@@ -55,12 +73,18 @@ _VERDICT_NAMES = {
 }
 
 
-class DaemonFailure(Exception):
-    """The daemon could not give a verdict: unreachable, slow, failing or garbled."""
+class DaemonUnreachable(Exception):
+    """The daemon did not answer: the connection failed, or it ended or the deadline
+    passed before any reply to our call began. The only failure fail=safe may allow."""
+
+
+class BadAnswer(Exception):
+    """The daemon answered, but not with a reply the hook accepts: an error status, a
+    reset call, garbled HTTP/2, HPACK or protobuf, a reply cut short. Always deny."""
 
 
 class UsageError(Exception):
-    """The PAM line or the environment is wrong: always deny."""
+    """The PAM line, the environment or the token on stdin is wrong: always deny."""
 
 
 # -- protobuf: PamRequest out, PamDecision in ----------------------------------------------
@@ -82,7 +106,7 @@ def encode_request(username: str, service: str, rhost: str, authtok: str) -> byt
     out = bytearray()
     for number, text in ((1, username), (2, service), (3, rhost), (4, authtok)):
         if text:
-            data = text.encode("utf-8", "surrogateescape")
+            data = text.encode("utf-8")  # strict: protobuf strings are valid UTF-8
             out += _varint(number << 3 | 2) + _varint(len(data)) + data
     return bytes(out)
 
@@ -96,7 +120,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos
         shift += 7
-    raise DaemonFailure("malformed protobuf varint")
+    raise BadAnswer("malformed protobuf varint")
 
 
 def decode_decision(data: bytes) -> tuple[int, str, int]:
@@ -115,18 +139,18 @@ def decode_decision(data: bytes) -> tuple[int, str, int]:
         elif wire == 2:
             length, pos = _read_varint(data, pos)
             if pos + length > len(data):
-                raise DaemonFailure("truncated protobuf field")
+                raise BadAnswer("truncated protobuf field")
             if number == 2:
                 message = data[pos : pos + length].decode("utf-8", "replace")
             pos += length
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
             if pos > len(data):
-                raise DaemonFailure("truncated protobuf field")
+                raise BadAnswer("truncated protobuf field")
         else:
-            raise DaemonFailure(f"unsupported protobuf wire type {wire}")
+            raise BadAnswer(f"unsupported protobuf wire type {wire}")
         if number == 0:
-            raise DaemonFailure("protobuf field number 0")
+            raise BadAnswer("protobuf field number 0")
     return verdict, message, retry
 
 
@@ -188,14 +212,14 @@ def huffman_decode(data: bytes) -> bytes:
             symbol = table.get((length, code))
             if symbol is not None:
                 if symbol == 256:
-                    raise DaemonFailure("HPACK Huffman string contains EOS")
+                    raise BadAnswer("HPACK Huffman string contains EOS")
                 out.append(symbol)
                 code = length = 0
             elif length > 30:
-                raise DaemonFailure("invalid HPACK Huffman code")
+                raise BadAnswer("invalid HPACK Huffman code")
     # What is left must be a prefix of EOS (all ones), shorter than a byte.
     if length > 7 or code != (1 << length) - 1:
-        raise DaemonFailure("invalid HPACK Huffman padding")
+        raise BadAnswer("invalid HPACK Huffman padding")
     return bytes(out)
 
 
@@ -211,7 +235,7 @@ class HpackDecoder:
         position = index - len(_STATIC) - 1
         if 0 <= position < len(self.dynamic):
             return self.dynamic[position]
-        raise DaemonFailure(f"HPACK index {index} out of range")
+        raise BadAnswer(f"HPACK index {index} out of range")
 
     def _add(self, name: str, value: str) -> None:
         self.dynamic.insert(0, (name, value))
@@ -224,7 +248,7 @@ class HpackDecoder:
     @staticmethod
     def _integer(data: bytes, pos: int, prefix: int) -> tuple[int, int]:
         if pos >= len(data):
-            raise DaemonFailure("truncated HPACK integer")
+            raise BadAnswer("truncated HPACK integer")
         limit = (1 << prefix) - 1
         value = data[pos] & limit
         pos += 1
@@ -233,7 +257,7 @@ class HpackDecoder:
         shift = 0
         while True:
             if pos >= len(data) or shift > 28:
-                raise DaemonFailure("malformed HPACK integer")
+                raise BadAnswer("malformed HPACK integer")
             byte = data[pos]
             pos += 1
             value += (byte & 0x7F) << shift
@@ -243,11 +267,11 @@ class HpackDecoder:
 
     def _string(self, data: bytes, pos: int) -> tuple[str, int]:
         if pos >= len(data):
-            raise DaemonFailure("truncated HPACK string")
+            raise BadAnswer("truncated HPACK string")
         huffman = bool(data[pos] & 0x80)
         length, pos = self._integer(data, pos, 7)
         if pos + length > len(data):
-            raise DaemonFailure("truncated HPACK string")
+            raise BadAnswer("truncated HPACK string")
         raw = data[pos : pos + length]
         text = huffman_decode(raw) if huffman else raw
         return text.decode("utf-8", "replace"), pos + length
@@ -264,7 +288,7 @@ class HpackDecoder:
             if first & 0xE0 == 0x20:  # dynamic table size update
                 size, pos = self._integer(block, pos, 5)
                 if size > self.max_size:
-                    raise DaemonFailure("HPACK table size above the agreed maximum")
+                    raise BadAnswer("HPACK table size above the agreed maximum")
                 self.size = size
                 self._evict()
                 continue
@@ -321,41 +345,61 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
 
 
 class Connection:
+    """One HTTP/2 connection to pam.sock, which knows whether the daemon has answered.
+
+    Until a HEADERS or RST_STREAM frame for our stream has arrived, the connection
+    failing, ending or outlasting the deadline means the daemon did not answer
+    (DaemonUnreachable). From then on the same events are a reply cut short
+    (BadAnswer). Bytes the daemon sent that do not parse are always BadAnswer.
+    """
+
     def __init__(self, path: str, deadline: float) -> None:
         self.deadline = deadline
-        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.answered = False
         self.buffer = b""
-        self._timeout()
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
+            self._timeout()
             self.sock.connect(path)
-        except OSError as exc:
+        except BaseException as exc:
             self.sock.close()
-            raise DaemonFailure(f"cannot connect to {path}: {exc.strerror or exc}") from None
+            if isinstance(exc, OSError):  # TimeoutError included
+                reason = exc.strerror or exc
+                raise DaemonUnreachable(f"cannot connect to {path}: {reason}") from None
+            raise
+
+    def lost(self, what: str) -> "DaemonUnreachable | BadAnswer":
+        """The exception for the connection failing, ending or timing out now."""
+        if self.answered:
+            return BadAnswer(f"{what} in the middle of the reply")
+        return DaemonUnreachable(f"{what} before the daemon answered")
 
     def _timeout(self) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise DaemonFailure("timed out")
+            raise self.lost("timed out")
         self.sock.settimeout(remaining)
 
     def send(self, data: bytes) -> None:
+        self._timeout()
         try:
-            self._timeout()
             self.sock.sendall(data)
+        except TimeoutError:
+            raise self.lost("timed out") from None
         except OSError as exc:
-            raise DaemonFailure(f"send failed: {exc.strerror or exc}") from None
+            raise self.lost(f"send failed ({exc.strerror or exc})") from None
 
     def _recv_exact(self, count: int) -> bytes:
         while len(self.buffer) < count:
+            self._timeout()
             try:
-                self._timeout()
                 chunk = self.sock.recv(65536)
             except TimeoutError:
-                raise DaemonFailure("timed out") from None
+                raise self.lost("timed out") from None
             except OSError as exc:
-                raise DaemonFailure(f"receive failed: {exc.strerror or exc}") from None
+                raise self.lost(f"receive failed ({exc.strerror or exc})") from None
             if not chunk:
-                raise DaemonFailure("connection closed before the reply was complete")
+                raise self.lost("connection closed")
             self.buffer += chunk
         data, self.buffer = self.buffer[:count], self.buffer[count:]
         return data
@@ -364,7 +408,7 @@ class Connection:
         head = self._recv_exact(9)
         length = int.from_bytes(head[:3], "big")
         if length > MAX_FRAME:
-            raise DaemonFailure("HTTP/2 frame larger than allowed")
+            raise BadAnswer("HTTP/2 frame larger than allowed")
         kind, flags = head[3], head[4]
         stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
         return kind, flags, stream, self._recv_exact(length)
@@ -376,13 +420,14 @@ class Connection:
 def _unpad(flags: int, payload: bytes) -> bytes:
     if flags & PADDED:
         if not payload or payload[0] >= len(payload):
-            raise DaemonFailure("bad HTTP/2 padding")
+            raise BadAnswer("bad HTTP/2 padding")
         payload = payload[1 : len(payload) - payload[0]]
     return payload
 
 
 def unary_call(path: str, method: str, request: bytes, deadline: float) -> bytes:
-    """Send one gRPC request; the reply message bytes, or DaemonFailure."""
+    """Send one gRPC request; the reply message bytes. Raises DaemonUnreachable when
+    the daemon did not answer, BadAnswer when it answered anything but a clean reply."""
     connection = Connection(path, deadline)
     try:
         return _exchange(connection, method, request)
@@ -412,25 +457,44 @@ def _exchange(connection: Connection, method: str, request: bytes) -> bytes:
     data = b""
     while True:
         kind, flags, stream, payload = connection.read_frame()
+        if stream == STREAM and kind in (HEADERS, RST_STREAM):
+            connection.answered = True  # whatever follows, the daemon has answered
         if pending is not None and kind != CONTINUATION:
-            raise DaemonFailure("HTTP/2 header block interrupted")
+            raise BadAnswer("HTTP/2 header block interrupted")
         if kind == SETTINGS:
             if stream != 0:
-                raise DaemonFailure("SETTINGS on a stream")
+                raise BadAnswer("SETTINGS on a stream")
             if not flags & ACK:
                 connection.send(_frame(SETTINGS, ACK, 0, b""))
         elif kind == PING:
+            if stream != 0 or len(payload) != 8:
+                raise BadAnswer("malformed HTTP/2 PING")
             if not flags & ACK:
                 connection.send(_frame(PING, ACK, 0, payload))
         elif kind == WINDOW_UPDATE:
-            pass
+            if len(payload) != 4:
+                raise BadAnswer("malformed HTTP/2 WINDOW_UPDATE")
         elif kind == GOAWAY:
-            raise DaemonFailure("the daemon closed the connection (GOAWAY)")
+            if stream != 0 or len(payload) < 8:
+                raise BadAnswer("malformed HTTP/2 GOAWAY")
+            last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            if last < STREAM:
+                # The daemon is going away (shutting down, restarting) without
+                # having taken our call; after a reply began, the reply is cut short.
+                error = int.from_bytes(payload[4:8], "big")
+                raise connection.lost(f"GOAWAY (error code {error})")
+            # A graceful shutdown that still serves our call: read on. The
+            # connection ending next is classified like any other end.
         elif kind == RST_STREAM and stream == STREAM:
-            raise DaemonFailure("the daemon reset the call")
+            if len(payload) != 4:
+                raise BadAnswer("malformed HTTP/2 RST_STREAM")
+            error = int.from_bytes(payload, "big")
+            raise BadAnswer(f"the daemon reset the call (error code {error})")
         elif stream != STREAM:
-            raise DaemonFailure(f"unexpected HTTP/2 frame {kind} on stream {stream}")
+            raise BadAnswer(f"unexpected HTTP/2 frame {kind} on stream {stream}")
         elif kind == HEADERS:
+            if blocks and not flags & END_STREAM:
+                raise BadAnswer("trailers without END_STREAM")
             payload = _unpad(flags, payload)
             if flags & PRIORITY:
                 payload = payload[5:]
@@ -441,21 +505,23 @@ def _exchange(connection: Connection, method: str, request: bytes) -> bytes:
                 pending = None
         elif kind == CONTINUATION:
             if pending is None:
-                raise DaemonFailure("CONTINUATION without HEADERS")
+                raise BadAnswer("CONTINUATION without HEADERS")
             pending += payload
             if len(pending) > MAX_HEADER_BLOCK:
-                raise DaemonFailure("header block too large")
+                raise BadAnswer("header block too large")
             if flags & END_HEADERS:
                 blocks.append(decoder.decode(pending))
                 pending = None
         elif kind == DATA:
+            if not blocks:
+                raise BadAnswer("DATA before the reply's HEADERS")
             data += _unpad(flags, payload)
             if len(data) > MAX_MESSAGE + 5:
-                raise DaemonFailure("reply too large")
+                raise BadAnswer("reply too large")
             if flags & END_STREAM:
-                raise DaemonFailure("reply ended without gRPC trailers")
+                raise BadAnswer("reply ended without gRPC trailers")
         else:
-            raise DaemonFailure(f"unexpected HTTP/2 frame type {kind}")
+            raise BadAnswer(f"unexpected HTTP/2 frame type {kind}")
         if pending is None and pending_end and blocks:
             return _grpc_reply(blocks, data)
 
@@ -463,24 +529,24 @@ def _exchange(connection: Connection, method: str, request: bytes) -> bytes:
 def _grpc_reply(blocks: list[list[tuple[str, str]]], data: bytes) -> bytes:
     first, trailers = dict(blocks[0]), dict(blocks[-1])
     if first.get(":status") != "200":
-        raise DaemonFailure(f"HTTP status {first.get(':status')}")
+        raise BadAnswer(f"HTTP status {first.get(':status')}")
     if not first.get("content-type", "").startswith("application/grpc"):
-        raise DaemonFailure("reply is not gRPC")
+        raise BadAnswer("reply is not gRPC")
     if len(blocks) > 2:
-        raise DaemonFailure("unexpected extra header blocks")
+        raise BadAnswer("unexpected extra header blocks")
     status = trailers.get("grpc-status")
     if status is None:
-        raise DaemonFailure("reply without grpc-status")
+        raise BadAnswer("reply without grpc-status")
     if status != "0":
         message = trailers.get("grpc-message", "")
-        raise DaemonFailure(f"daemon error (grpc-status {status}): {message[:200]}")
+        raise BadAnswer(f"daemon error (grpc-status {status}): {message[:200]}")
     if len(blocks) == 1:
-        raise DaemonFailure("OK status without a reply message")
+        raise BadAnswer("OK status without a reply message")
     if len(data) < 5 or data[0] != 0:
-        raise DaemonFailure("missing or compressed gRPC message")
+        raise BadAnswer("missing or compressed gRPC message")
     length = int.from_bytes(data[1:5], "big")
     if length != len(data) - 5:
-        raise DaemonFailure("gRPC message length does not match")
+        raise BadAnswer("gRPC message length does not match")
     return data[5:]
 
 
@@ -527,6 +593,16 @@ class Options:
                 self.first_factor_required = True
             else:
                 raise UsageError(f"unknown option {key!r}")
+        if self.mode == "single-prompt" and self.fail_safe:
+            # Here the daemon is the only check of the password too: fail=safe would
+            # let anyone in, with no password, whenever the daemon is down.
+            raise UsageError("fail=safe is not allowed with single-prompt (it checks the password)")
+
+
+def validate_options(argv: list[str]) -> None:
+    """Raise UsageError, with the reason, unless argv (MODE [OPTION=VALUE...], as on the
+    PAM line) is one the hook accepts. Pure: reads nothing, touches nothing."""
+    Options(argv)
 
 
 def _pam_item(env: "Mapping[str, str]", name: str, *, required: bool) -> str:
@@ -539,12 +615,23 @@ def _pam_item(env: "Mapping[str, str]", name: str, *, required: bool) -> str:
 
 
 def _read_authtok(stdin: "BinaryIO") -> str:
+    """The token pam_exec wrote (one trailing NUL or newline dropped), if it is text:
+    valid UTF-8, no control characters, at most MAX_AUTHTOK bytes. The reason for a
+    refusal never includes the token."""
     data = stdin.read(MAX_AUTHTOK + 2)
-    if len(data) > MAX_AUTHTOK + 1:
-        raise UsageError("the token on stdin is too long")
     if data.endswith((b"\0", b"\n")):
         data = data[:-1]
-    return data.decode("utf-8", "surrogateescape")
+    if len(data) > MAX_AUTHTOK:
+        raise UsageError(f"the token on stdin is longer than {MAX_AUTHTOK} bytes")
+    try:
+        text = data.decode("utf-8")  # strict: no surrogates either
+    except UnicodeDecodeError:
+        raise UsageError("the token on stdin is not valid UTF-8") from None
+    if "\0" in text:
+        raise UsageError("the token on stdin contains a NUL byte")
+    if any(c < " " or c == "\x7f" for c in text):
+        raise UsageError("the token on stdin contains a control character")
+    return text
 
 
 def _say(out: "TextIO", message: str) -> None:
@@ -595,11 +682,15 @@ def run(argv: list[str], env: "Mapping[str, str]", stdin: "BinaryIO", out: "Text
             deadline,
         )
         verdict, message, _retry = decode_decision(reply)
-    except DaemonFailure as exc:
+    except DaemonUnreachable as exc:
+        # Only here, where the daemon gave no answer at all, may fail=safe allow.
         if options.fail_safe:
-            _log(LOG_WARNING, f"allowed by fail=safe: {where}: {exc}")
+            _log(LOG_WARNING, f"allowed by fail=safe, daemon unreachable: {where}: {exc}")
             return EXIT_ALLOW
-        _log(LOG_ERR, f"denied, daemon failed: {where}: {exc}")
+        _log(LOG_ERR, f"denied, daemon unreachable: {where}: {exc}")
+        return EXIT_DENY
+    except BadAnswer as exc:  # the daemon answered, and not with a verdict: deny
+        _log(LOG_ERR, f"denied, bad answer from the daemon: {where}: {exc}")
         return EXIT_DENY
     _say(out, message)
     if options.mode == "check":

@@ -21,6 +21,7 @@ import pytest
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -232,3 +233,28 @@ def public_login_daemon(
         yield make_daemon("--password-pam-service", password_pam_service, root=root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _usable_by_others() -> bool:
+    paths = [Path(sys.executable).resolve(), REPO / "daemon" / "otpgate" / "__init__.py"]
+    return all(os.access(p, os.R_OK) for p in paths) and all(
+        os.stat(parent).st_mode & 0o001 for p in paths for parent in p.parents
+    )
+
+
+@pytest.fixture(scope="session")
+def cli_python() -> Iterator[tuple[str, dict[str, str]]]:
+    """A Python with otpgate that an ordinary user can run: this one when the checkout
+    is readable by others, else a fresh virtualenv in a world-readable directory."""
+    if _usable_by_others():
+        yield sys.executable, {"PYTHONPATH": str(REPO / "daemon")}
+        return
+    home = Path(tempfile.mkdtemp(prefix="otpgate-test-cli-"))
+    home.chmod(0o755)
+    try:
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(home / "venv")], check=True)
+        subprocess.run([str(home / "venv/bin/pip"), "install", "-q", str(REPO)], check=True,
+                       timeout=600)  # fmt: skip
+        yield str(home / "venv/bin/python"), {}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

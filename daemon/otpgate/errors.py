@@ -5,7 +5,9 @@
     ├── NotFound                 no such account (or no secret where one is needed)
     ├── FailedPrecondition       the request is valid but the state forbids it
     ├── Unauthenticated          user.sock call without a valid session
-    ├── PermissionDenied         a session acting on another account
+    ├── PermissionDenied         a session acting on another account, or a caller
+    │                            logging in as someone else
+    ├── TooManyAttempts          a password check refused until its delay has passed
     ├── ConfigError              daemon configuration or key material is unusable
     │   └── KeyMismatch          the key does not open this database
     ├── StoreError               the database is damaged or from a newer version
@@ -41,6 +43,12 @@ class Unauthenticated(OtpgateError):
 
 class PermissionDenied(OtpgateError):
     pass
+
+
+class TooManyAttempts(OtpgateError):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConfigError(OtpgateError):

@@ -748,6 +748,38 @@ def test_qr_file_of_another_user_does_not_receive_the_secret(
         assert planted.read_bytes() == b""
 
 
+def test_qr_path_through_a_users_symlink_is_refused_before_renewing(
+    daemon: Daemon, user: LocalUser, make_user: Callable[..., LocalUser], tmp_path: Path
+) -> None:
+    # An ordinary user owns a directory on root's QR path and points a middle component
+    # at a directory only root may enter: following it would let her choose where root
+    # creates (or truncates) a file.
+    uri = renew(daemon, user.name)
+    mallory = make_user()
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    home = Path(f"/home/{mallory.name}")
+    as_mallory = ["runuser", "-u", mallory.name, "--"]
+    subprocess.run([*as_mallory, "mkdir", str(home / "d")], check=True)
+    subprocess.run([*as_mallory, "ln", "-s", str(private), str(home / "d" / "x")], check=True)
+    link = home / "d" / "x"
+    assert link.is_symlink() and link.lstat().st_uid == mallory.uid
+    commands = [
+        [command, user.name, "--qr", f"{kind}:{link}/qr.{kind}"]
+        for kind in ("png", "svg")
+        for command in ("renew-secret", "provisioning-uri")
+    ]
+    for command, result in zip(commands, run_many(commands, daemon.admin_socket), strict=True):
+        target = command[3].partition(":")[2]
+        assert_error(
+            result,
+            f"InvalidArgument: --qr: cannot write {target}: {link} is a symbolic link "
+            "(no component of the path may be one)",
+        )
+    assert list(private.iterdir()) == []  # nothing written through the link
+    assert ok(daemon, "provisioning-uri", user.name) == uri + "\n"  # the secret is unchanged
+
+
 # -- verify --------------------------------------------------------------------------------
 
 

@@ -46,13 +46,14 @@ VERIFY_EXITS = {**{v: 1 for v in CHECK_EXITS}, pb.VERDICT_ALLOW: 0}
 AFTER_FIRST_FACTOR_EXITS = {**VERIFY_EXITS, pb.VERDICT_NOT_REQUIRED: 0}
 
 
+@pytest.mark.parametrize("fail", ["secure", "safe"])  # a verdict is never a daemon failure
 @pytest.mark.parametrize(("verdict", "expected"), CHECK_EXITS.items())
 def test_check_verdicts(
-    hook: ModuleType, fake_gate: tuple[FakeGate, str], verdict: int, expected: int
+    hook: ModuleType, fake_gate: tuple[FakeGate, str], verdict: int, expected: int, fail: str
 ) -> None:
     gate, path = fake_gate
     gate.reply = decision(verdict, f"msg {verdict}")  # type: ignore[assignment]
-    code, out = run(hook, ["check", f"socket={path}"])
+    code, out = run(hook, ["check", f"socket={path}", f"fail={fail}"])
     assert code == expected
     assert out == f"msg {verdict}\n"
     assert gate.seen[0][0] == "Check"
@@ -60,9 +61,12 @@ def test_check_verdicts(
 
 @pytest.mark.parametrize(
     ("mode", "verdict", "expected"),
-    [(mode, v, e) for mode in ("verify", "single-prompt") for v, e in VERIFY_EXITS.items()]
-    + [("verify first-factor=required", v, e) for v, e in AFTER_FIRST_FACTOR_EXITS.items()],
-)
+    [(mode, v, e) for mode in ("verify", "verify fail=safe", "single-prompt")
+     for v, e in VERIFY_EXITS.items()]
+    + [(mode, v, e) for mode in ("verify first-factor=required",
+                                 "verify first-factor=required fail=safe")
+       for v, e in AFTER_FIRST_FACTOR_EXITS.items()],
+)  # fmt: skip
 def test_verify_verdicts(
     hook: ModuleType, fake_gate: tuple[FakeGate, str], mode: str, verdict: int, expected: int
 ) -> None:
@@ -91,11 +95,13 @@ def test_long_message_survives(hook: ModuleType, fake_gate: tuple[FakeGate, str]
     assert code == 1 and out == "x" * 512 + "\n"  # shown, but trimmed for the terminal
 
 
-def test_oversized_reply_is_a_failure(hook: ModuleType, fake_gate: tuple[FakeGate, str]) -> None:
+def test_oversized_reply_denies_in_both_fail_modes(
+    hook: ModuleType, fake_gate: tuple[FakeGate, str]
+) -> None:
     gate, path = fake_gate
     gate.reply = decision(pb.VERDICT_ALLOW, "x" * 40_000)  # type: ignore[assignment]
     assert run(hook, ["verify", f"socket={path}"], b"1")[0] == 1
-    assert run(hook, ["verify", f"socket={path}", "fail=safe"], b"1")[0] == 0
+    assert run(hook, ["verify", f"socket={path}", "fail=safe"], b"1")[0] == 1  # it answered
 
 
 def test_control_characters_never_reach_the_terminal(
@@ -107,6 +113,8 @@ def test_control_characters_never_reach_the_terminal(
 
 
 # -- daemon failures and the fail mode -----------------------------------------------------
+# fail=safe allows only a daemon that did not answer (test_fail_modes.py has the cases);
+# an error status, a crash or a garbled reply is an answer, and denies in both modes.
 
 
 @pytest.mark.parametrize(
@@ -115,7 +123,7 @@ def test_control_characters_never_reach_the_terminal(
      grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND],
 )  # fmt: skip
-def test_error_status_is_a_daemon_failure(
+def test_error_status_denies_in_both_fail_modes(
     hook: ModuleType, fake_gate: tuple[FakeGate, str], status: grpc.StatusCode
 ) -> None:
     gate, path = fake_gate
@@ -126,10 +134,10 @@ def test_error_status_is_a_daemon_failure(
 
     gate.reply = fail  # type: ignore[assignment]
     assert run(hook, ["verify", f"socket={path}"], b"1") == (1, "")
-    assert run(hook, ["verify", f"socket={path}", "fail=safe"], b"1") == (0, "")
+    assert run(hook, ["verify", f"socket={path}", "fail=safe"], b"1") == (1, "")
 
 
-def test_servicer_crash_is_a_daemon_failure(
+def test_servicer_crash_denies_in_both_fail_modes(
     hook: ModuleType, fake_gate: tuple[FakeGate, str]
 ) -> None:
     gate, path = fake_gate
@@ -139,13 +147,13 @@ def test_servicer_crash_is_a_daemon_failure(
 
     gate.reply = crash  # type: ignore[assignment]
     assert run(hook, ["check", f"socket={path}"])[0] == 1
-    assert run(hook, ["check", f"socket={path}", "fail=safe"])[0] == 0
+    assert run(hook, ["check", f"socket={path}", "fail=safe"])[0] == 1
 
 
 def test_unimplemented_method_against_the_real_daemon(hook: ModuleType, daemon) -> None:  # type: ignore[no-untyped-def]
     # admin.sock serves no PamGate: the real server answers UNIMPLEMENTED.
     assert run(hook, ["check", f"socket={daemon.admin_socket}"])[0] == 1
-    assert run(hook, ["check", f"socket={daemon.admin_socket}", "fail=safe"])[0] == 0
+    assert run(hook, ["check", f"socket={daemon.admin_socket}", "fail=safe"])[0] == 1
 
 
 def test_real_daemon_reply_shapes(hook: ModuleType, daemon, user) -> None:  # type: ignore[no-untyped-def]
@@ -227,7 +235,8 @@ def test_garbled_or_silent_peers_deny(hook: ModuleType, raw_server, behaviour) -
      ["check", "timeout=31"], ["check", "fail=maybe"], ["check", "socket=relative.sock"],
      ["check", "fail=safe", "fail=safe"], ["check", "noequals"],
      ["check", "first-factor=optional"], ["single-prompt", "first-factor=required"],
-     ["first-factor-done", "first-factor=required"]],
+     ["first-factor-done", "first-factor=required"], ["single-prompt", "fail=safe"],
+     ["single-prompt", "timeout=2", "fail=safe"]],
 )  # fmt: skip
 def test_bad_pam_lines_deny_even_in_safe_mode(hook: ModuleType, argv: list[str]) -> None:
     assert run(hook, argv)[0] == 1
@@ -286,7 +295,7 @@ def test_protobuf_round_trip_against_generated_code(hook: ModuleType) -> None:
     data = reply.SerializeToString() + b"\x48\x01"
     assert hook.decode_decision(data) == (pb.VERDICT_LOCKED, "wait", 300)
     for bad in (b"\x0a\x05ab", b"\x08", b"\x0b", b"\x00\x01"):
-        with pytest.raises(hook.DaemonFailure):
+        with pytest.raises(hook.BadAnswer):
             hook.decode_decision(bad)
 
 
@@ -317,9 +326,9 @@ def test_hpack_rfc7541_examples(hook: ModuleType) -> None:
 
 
 def test_huffman_rejects_bad_padding_and_eos(hook: ModuleType) -> None:
-    with pytest.raises(hook.DaemonFailure):
+    with pytest.raises(hook.BadAnswer):
         hook.huffman_decode(b"\xf1\xe3\x00")  # padding must be ones
-    with pytest.raises(hook.DaemonFailure):
+    with pytest.raises(hook.BadAnswer):
         hook.huffman_decode(b"\xff\xff\xff\xff")  # EOS inside the string
 
 

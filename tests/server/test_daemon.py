@@ -266,6 +266,107 @@ def test_key_file_owned_by_someone_else_refused(daemon: Daemon) -> None:
     assert result.returncode == 1 and "owned by uid 4242" in result.stderr
 
 
+def _world_writable_dir(path: Path) -> Path:
+    path.mkdir()
+    path.chmod(0o1777)  # like /tmp: sticky, root's, anyone may add a name
+    return path
+
+
+def test_key_file_in_a_world_writable_dir_refused_and_not_created(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon(start=False)
+    shared = _world_writable_dir(d.root / "shared")
+    key = shared / "otpgate.key"
+    d.extra_args += ["--key-file", str(key)]
+    result = d.run_to_exit()
+    assert result.returncode == 1
+    assert (
+        f"ConfigError: key file {key}: {shared} is writable by group and others (mode 1777); "
+        "the directory holding it must not be writable by group or others, sticky or not\n"
+    ) in result.stderr
+    assert list(shared.iterdir()) == []  # no key (and nothing else) left there
+    assert "key_created" not in result.stderr and not _serving(d)
+    # Refused before anything was made: no state directory, database or sockets.
+    assert not d.state_dir.exists() and not d.runtime_dir.exists()
+
+
+def test_existing_key_file_in_a_world_writable_dir_refused(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon(start=False)
+    shared = _world_writable_dir(d.root / "shared")
+    key = shared / "otpgate.key"
+    create_key_file(str(d.root / "good.key"))
+    os.rename(d.root / "good.key", key)  # a perfectly private file, in the wrong place
+    d.extra_args += ["--key-file", str(key)]
+    result = d.run_to_exit()
+    assert result.returncode == 1
+    assert f"ConfigError: key file {key}: {shared} is writable by group and others" in result.stderr
+    assert "key_loaded" not in result.stderr
+
+
+def test_key_file_behind_a_symlink_refused(daemon: Daemon) -> None:
+    daemon.stop()
+    link = daemon.root / "etc-link"
+    link.symlink_to(daemon.key_file.parent)
+    daemon.extra_args += ["--key-file", str(link / "otpgate.key")]  # the last one wins
+    result = daemon.run_to_exit()
+    assert result.returncode == 1
+    assert f": {link} is a symbolic link; no component of the path may be one" in result.stderr
+
+
+def test_state_dir_0755_refused_and_nothing_created(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon(start=False)
+    d.state_dir.mkdir()
+    d.state_dir.chmod(0o755)
+    result = d.run_to_exit()
+    assert result.returncode == 1
+    assert (
+        f"ConfigError: directory {d.state_dir} has mode 0755; it must be exactly 0700 "
+        f"(chmod 700 {d.state_dir})\n"
+    ) in result.stderr
+    assert list(d.state_dir.iterdir()) == [] and _mode(d.state_dir) == 0o755
+    assert not d.runtime_dir.exists() and not d.key_file.exists()
+    d.state_dir.chmod(0o700)  # the remedy it names is enough
+    d.start()
+    assert _mode(d.state_dir) == 0o700
+
+
+def test_state_dir_of_another_owner_refused(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    d = make_daemon(start=False)
+    d.state_dir.mkdir(mode=0o700)
+    os.chown(d.state_dir, 54321, 54321)
+    result = d.run_to_exit()
+    assert result.returncode == 1
+    assert f"{d.state_dir} is owned by uid 54321" in result.stderr
+    assert list(d.state_dir.iterdir()) == []
+
+
+def test_runtime_dir_under_a_writable_dir_refused(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon(start=False)
+    open_dir = d.root / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky: anyone could swap the socket directory
+    d.extra_args += ["--runtime-dir", str(open_dir / "run")]
+    result = d.run_to_exit()
+    assert result.returncode == 1
+    assert f"{open_dir} is writable by group and others (mode 0777)" in result.stderr
+    assert list(open_dir.iterdir()) == []
+
+
+def test_credential_outside_a_trusted_dir_refused(make_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Not systemd's (which passes as it is): the chain rule holds for any directory.
+    creds = _world_writable_dir(tmp_path / "creds")
+    create_key_file(str(tmp_path / "k"))
+    os.rename(tmp_path / "k", creds / "otpgate.key")
+    d = make_daemon(start=False)
+    env = dict(os.environ, CREDENTIALS_DIRECTORY=str(creds))
+    result = subprocess.run(d.args(), capture_output=True, text=True, timeout=15, env=env)
+    assert result.returncode == 1
+    assert f"key file {creds}/otpgate.key: {creds} is writable by group and others" in (
+        result.stderr
+    )
+
+
 def test_key_from_systemd_credential(make_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     creds = tmp_path / "creds"
     creds.mkdir(mode=0o700)

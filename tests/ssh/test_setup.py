@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -221,4 +222,23 @@ def test_switching_prompt_variant_then_undo_restores_the_first_originals(
     assert "@include otpgate-ssh-publickey\n" not in service
     assert ssh_setup.doctor_checks(paths, "publickey") == []
     ssh_setup.undo(paths, reload=lambda: "reloaded")
+    assert _snapshot(paths) == before
+
+
+@pytest.mark.parametrize(
+    ("flow", "hook", "options", "complaint"),
+    [
+        ("password", "/nonexistent/otpgate-pam-hook", "", "--hook: no otpgate hook at"),
+        ("password", HOOK, "fail=bogus", "--hook-options: the hook (first-factor-done)"),
+        ("password", HOOK, "timeout=0", "timeout= must be from 0.1 to 30"),
+        ("single-prompt", HOOK, "fail=safe", "fail=safe"),
+    ],
+)
+def test_hook_and_options_checked_before_writing(
+    paths: ssh_setup.Paths, flow: str, hook: str, options: str, complaint: str
+) -> None:
+    before = _snapshot(paths)
+    with pytest.raises(InvalidArgument, match=re.escape(complaint)):
+        ssh_setup.setup(flow, paths, hook=hook, hook_options=options, lockout_risk=None,
+                        reload=lambda: "x")  # fmt: skip
     assert _snapshot(paths) == before

@@ -17,6 +17,7 @@ import stat
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from otpgate.core.paths import check_dir_chain
 from otpgate.errors import ConfigError, KeyMismatch
 
 KEY_BYTES = 32
@@ -77,9 +78,15 @@ def load_key_file(path: str, *, allowed_owners: tuple[int, ...] | None = None) -
     """Read a key after checking that nobody but its owner could have read or swapped it.
 
     The file must be a regular file (symlinks refused), owned by root or by this
-    process's user, with no group or other permission bits, and of a key's size.
+    process's user, with no group or other permission bits, and of a key's size;
+    every directory above it must be trusted too (core/paths.py: owned by those
+    owners, no symlink, nobody else may write to it).
     """
     owners = allowed_owners if allowed_owners is not None else (0, os.geteuid())
+    # The directories first: in a directory someone else can write to, the file
+    # could be theirs by now, or be replaced by theirs before the next start.
+    if check_dir_chain(_directory_of(path), owner_uids=owners, subject=f"key file {path}"):
+        raise ConfigError(f"key file {path} does not exist")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -123,8 +130,19 @@ def _decode_key(path: str, data: bytes) -> bytes:
     return key
 
 
+def _directory_of(path: str) -> str:
+    # Not abspath: it would fold "link/.." away, and the kernel does not.
+    return os.path.dirname(path) or "."
+
+
 def create_key_file(path: str) -> bytes:
-    """Write a new random key as base64 text, mode 0600; never overwrite a file."""
+    """Write a new random key as base64 text, mode 0600; never overwrite a file.
+
+    Its directory must exist and be trusted (core/paths.py) before anything is written.
+    """
+    missing = check_dir_chain(_directory_of(path), subject=f"key file {path}")
+    if missing:
+        raise ConfigError(f"cannot create key file {path}: {missing[0]} does not exist")
     key = os.urandom(KEY_BYTES)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -133,7 +151,7 @@ def create_key_file(path: str) -> bytes:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    dir_fd = os.open(_directory_of(path), os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:

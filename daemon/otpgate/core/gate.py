@@ -85,7 +85,9 @@ class Gate:
         if not covers(settings, pam_service):
             return Decision(Verdict.NOT_REQUIRED)
         try:
-            outcome = self._service.verify(username, token, via=f"pam:{pam_service}")
+            outcome = self._service.verify(
+                username, token, via=f"pam:{pam_service}", malformed_counts=True
+            )
         except (NotFound, InvalidArgument):
             _burn_time(token)
             return Decision(Verdict.DENY, "Invalid code.")

@@ -1,5 +1,9 @@
 """LoginEx / LoginExContinue: password through PAM, then a code; sessions.
 
+The caller's uid comes from the kernel (see server.relay): an ordinary user may
+check only their own password, and checks of one account are throttled as su's
+failure delay would (core.throttle), so user.sock is no password oracle.
+
 Attempts and sessions live in memory only (they die with the daemon) and are
 keyed by the SHA-256 of their random token, so a memory dump does not hand out
 usable tokens. A failed login is padded to the time a real password check takes,
@@ -12,15 +16,19 @@ import dataclasses
 import enum
 import hashlib
 import logging
+import math
 import secrets
 import threading
 import time
 from collections.abc import Callable
 
 from otpgate.core.accounts import check_username
+from otpgate.core.crypto import Sealed
 from otpgate.core.passwords import PasswordChecker, PasswordResult
 from otpgate.core.service import Clock, TwoFactorService, UserView, VerifyResult
-from otpgate.errors import InvalidArgument, NotFound
+from otpgate.core.throttle import LineBudget, PasswordThrottle
+from otpgate.errors import InvalidArgument, NotFound, PermissionDenied, TooManyAttempts
+from otpgate.store.base import SecretRecord
 
 log = logging.getLogger("otpgated")
 
@@ -49,6 +57,15 @@ class Session:
     uid: int
     level: Level
     expires: float
+    # The secret this session itself enrolled, if any: a LEVEL_1 session may go on
+    # with a secret it created (it has just seen it), never with one it found.
+    created_secret: Sealed | None = None
+
+    def may_act_on(self, record: SecretRecord | None) -> bool:
+        """Whether this session's proof covers the account's current secret."""
+        if record is None or self.level is Level.LEVEL_2:
+            return True
+        return self.created_secret is not None and record.sealed == self.created_secret
 
 
 @dataclasses.dataclass
@@ -93,28 +110,74 @@ class Logins:
         self._attempts: dict[bytes, _Attempt] = {}
         self._sessions: dict[bytes, Session] = {}
         self._typical_check = _MIN_FAILURE_SECONDS  # moving average of successful checks
+        self._throttle = PasswordThrottle(monotonic)
+        self._throttled_lines = LineBudget(1.0, monotonic, burst=5)
+        self._refused_lines = LineBudget(1.0, monotonic, burst=5)
 
     # -- LoginEx --------------------------------------------------------------------
 
-    def login(self, username: str, password: str) -> LoginOutcome:
-        started = self._monotonic()
+    def login(
+        self, username: str, password: str, *, caller_uid: int, caller: str = ""
+    ) -> LoginOutcome:
+        """Check `username`'s password for a caller the kernel identified.
+
+        As unix_chkpwd, an ordinary user (caller_uid != 0) may check only their own
+        password: another name is PermissionDenied before any check. Checks of one
+        account are throttled (one at a time, then a growing delay after each wrong
+        password: TooManyAttempts), so guessing is no faster than through su.
+        """
+        who = f"{caller} " if caller else ""
+        if caller_uid != 0:
+            self._own_account_only(username, caller_uid, who)
         try:
             check_username(username)
         except InvalidArgument:
+            started = self._monotonic()
+            log.info("login user=<invalid> %sresult=auth_err reason=bad_name", who)
             return self._failed(started)
-        result = self._passwords(username, password)
+        wait = self._throttle.begin(username)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            allowed, suppressed = self._throttled_lines.allow()
+            if allowed:
+                more = f" (and {suppressed} more not logged)" if suppressed else ""
+                log.warning(
+                    "login_throttled user=%s %sretry_after=%d%s", username, who, retry, more
+                )
+            raise TooManyAttempts(
+                f"too many wrong passwords for {username}: try again in {retry} s", retry
+            )
+        started = self._monotonic()
+        result = PasswordResult.BAD  # what a checker that raises counts as
+        try:
+            result = self._passwords(username, password)
+        finally:
+            self._throttle.end(username, failed=result is PasswordResult.BAD)
         if result is PasswordResult.BAD:
+            log.warning(
+                "login user=%s %sresult=auth_err reason=password failures=%d",
+                username,
+                who,
+                self._throttle.failures(username),
+            )
             return self._failed(started)
         if result is PasswordResult.EXPIRED:
-            log.info("login user=%s result=expired", username)
+            log.info("login user=%s %sresult=expired", username, who)
             return LoginOutcome(Response.EXPIRED)
         self._learn_check_time(self._monotonic() - started)
         try:
             view = self._service.get_user(username)
         except NotFound:
+            log.info("login user=%s %sresult=auth_err reason=no_account", username, who)
             return self._failed(started)  # PAM knew the name, NSS does not: refuse
         account = view.account
-        if self._service.get_config().enabled and view.record is not None:
+        if view.locked_seconds:
+            # As the README promises: a locked account looks like a wrong password.
+            log.info("login user=%s %sresult=auth_err reason=locked", account.username, who)
+            return self._failed(started)
+        if view.record is not None:
+            # Whatever the global switch: a session of an enrolled account can see and
+            # replace its secret, so it must prove the secret (LEVEL_2) first.
             token = secrets.token_urlsafe(32)
             with self._lock:
                 self._prune()
@@ -123,11 +186,24 @@ class Logins:
                 self._attempts[_digest(token)] = _Attempt(
                     account.username, account.uid, self._clock() + ATTEMPT_SECONDS
                 )
-            log.info("login user=%s result=otp_required", account.username)
+            log.info("login user=%s %sresult=otp_required", account.username, who)
             return LoginOutcome(
                 Response.OTP_REQUIRED, username=account.username, attempt_token=token
             )
         return self._success(view, Level.LEVEL_1)
+
+    def _own_account_only(self, username: str, caller_uid: int, who: str) -> None:
+        account = self._service.lookup(username)
+        if account is None or account.uid != caller_uid:
+            allowed, suppressed = self._refused_lines.allow()
+            if allowed:
+                more = f" (and {suppressed} more not logged)" if suppressed else ""
+                shown = username if account is not None else "<unknown>"
+                log.warning("login_refused user=%s %sreason=not_own_account%s", shown, who, more)
+            raise PermissionDenied(
+                f"uid {caller_uid} may log in as itself only (as unix_chkpwd); "
+                "root may log in as anyone"
+            )
 
     def _failed(self, started: float) -> LoginOutcome:
         # The worker thread waits for tens of milliseconds at most: the PAM service
@@ -135,7 +211,6 @@ class Logins:
         remaining = max(_MIN_FAILURE_SECONDS, self._typical_check) - (self._monotonic() - started)
         if remaining > 0:
             self._sleep(remaining)
-        log.info("login result=auth_err")
         return LoginOutcome(Response.AUTH_ERR)
 
     def _learn_check_time(self, seconds: float) -> None:
@@ -144,12 +219,16 @@ class Logins:
 
     # -- LoginExContinue --------------------------------------------------------------
 
-    def login_continue(self, attempt_token: str, code: str) -> LoginOutcome:
+    def login_continue(self, attempt_token: str, code: str, *, caller_uid: int) -> LoginOutcome:
         key = _digest(attempt_token)
         with self._lock:
             attempt = self._attempts.get(key)
-            if attempt is None or attempt.expires <= self._clock():
-                self._attempts.pop(key, None)
+            if attempt is not None and caller_uid not in (0, attempt.uid):
+                attempt = None  # another uid's attempt: as if it did not exist, untouched
+            elif attempt is not None and attempt.expires <= self._clock():
+                del self._attempts[key]
+                attempt = None
+            if attempt is None:
                 log.info("login_continue result=auth_err reason=no_pending_attempt")
                 return LoginOutcome(Response.AUTH_ERR)
             attempt.retries_left -= 1
@@ -175,10 +254,11 @@ class Logins:
             view = self._service.get_user(attempt.username)
             if view.account.uid != attempt.uid:
                 return VerifyResult.NOT_ENROLLED
-            return self._service.verify(attempt.username, code, via="login").result
-        except InvalidArgument:
-            return VerifyResult.INVALID  # a malformed code is a wrong code
-        except NotFound:
+            # A malformed code is one more wrong code: it counts toward the lockout.
+            return self._service.verify(
+                attempt.username, code, via="login", malformed_counts=True
+            ).result
+        except (NotFound, InvalidArgument):
             return VerifyResult.NOT_ENROLLED
 
     # -- sessions -------------------------------------------------------------------
@@ -207,6 +287,13 @@ class Logins:
             if session is None or session.expires <= self._clock():
                 return None
             return session
+
+    def note_created_secret(self, token: str, sealed: Sealed) -> None:
+        with self._lock:
+            key = _digest(token)
+            session = self._sessions.get(key)
+            if session is not None:
+                self._sessions[key] = dataclasses.replace(session, created_secret=sealed)
 
     def logout(self, token: str) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from otpgate.core import totp
 from otpgate.core.accounts import Account, AccountLookup, check_username, lookup_account
 from otpgate.core.crypto import Keyring, account_binding
 from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS, Settings, check_int
-from otpgate.errors import KeyMismatch, NotFound
+from otpgate.errors import InvalidArgument, KeyMismatch, NotFound
 from otpgate.store.base import SecretRecord, Store
 
 log = logging.getLogger("otpgated")
@@ -126,6 +126,13 @@ class TwoFactorService:
             raise NotFound(f"no such account: {username}")
         return account
 
+    def lookup(self, username: str) -> Account | None:
+        """The account NSS knows by this name, or None (also for a malformed name)."""
+        try:
+            return self._account(username)
+        except (NotFound, InvalidArgument):
+            return None
+
     def _record_for(self, account: Account) -> SecretRecord | None:
         record = self._store.get_secret(account.username)
         # A secret belongs to the account that enrolled: a recreated account of the same
@@ -210,19 +217,34 @@ class TwoFactorService:
 
     # -- verification ---------------------------------------------------------------
 
-    def verify(self, username: str, token: str, *, via: str) -> Verification:
+    def verify(
+        self, username: str, token: str, *, via: str, malformed_counts: bool = False
+    ) -> Verification:
         """Check a code for an existing account; spend it when right.
+
+        A code that is not 6 to 8 digits is refused (InvalidArgument, nothing
+        changes), unless `malformed_counts`: then, as at a login prompt, it is one
+        more wrong attempt toward the lockout, like any other.
 
         Raises NotFound for an unknown account: callers that must not reveal which
         accounts exist (the PAM and login paths) map that to their own answer.
         """
-        totp.check_token_format(token)
+        try:
+            totp.check_token_format(token)
+            well_formed = True
+        except InvalidArgument:
+            if not malformed_counts:
+                raise
+            well_formed = False
         account = self._account(username)
-        outcome = self._verify(account, token)
-        log.info("verify user=%s via=%s result=%s", account.username, via, outcome.result.value)
+        outcome = self._verify(account, token if well_formed else None)
+        shape = "" if well_formed else " token=malformed"
+        log.info(
+            "verify user=%s via=%s result=%s%s", account.username, via, outcome.result.value, shape
+        )
         return outcome
 
-    def _verify(self, account: Account, token: str) -> Verification:
+    def _verify(self, account: Account, token: str | None) -> Verification:
         settings = self._store.load_settings()
         now = self._clock()
         # Counting the attempt also fetches the secret: one statement on the login path.
@@ -237,6 +259,8 @@ class TwoFactorService:
             if self._record_for(account) is None:
                 return Verification(VerifyResult.NOT_ENROLLED)
             return self._locked(account)
+        if token is None:
+            return Verification(VerifyResult.INVALID)  # counted above, like a wrong code
         step = totp.matching_step(
             self._open(record).decode(),
             token,

@@ -37,6 +37,11 @@ class DaemonConfig:
     workers: int = 16
     # Seconds SIGTERM waits for in-flight calls.
     shutdown_grace: float = 10.0
+    # user.sock (any local user): connections held open at once, in all and per uid
+    # (root is not limited per uid), and seconds a silent one is kept.
+    user_connections: int = 1024
+    user_connections_per_uid: int = 16
+    user_idle_seconds: float = 300.0
 
     @property
     def database(self) -> str:
@@ -127,6 +132,12 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
         raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
     if not 1 <= config.workers <= 256:
         raise ConfigError(f"{source}: workers must be from 1 to 256")
+    if not 16 <= config.user_connections <= 100_000:
+        raise ConfigError(f"{source}: user_connections must be from 16 to 100000")
+    if not 1 <= config.user_connections_per_uid <= 1024:
+        raise ConfigError(f"{source}: user_connections_per_uid must be from 1 to 1024")
+    if not 1.0 <= config.user_idle_seconds <= 86400.0:
+        raise ConfigError(f"{source}: user_idle_seconds must be from 1 to 86400")
     if "/" in config.key_credential or not config.key_credential:
         raise ConfigError(f"{source}: key_credential must be a plain name")
     if config.issuer:

@@ -6,6 +6,7 @@ import logging
 import os
 
 from otpgate.core.crypto import Keyring, create_key_file, key_id_of, load_key_file
+from otpgate.core.paths import check_dir_chain, prepare_dir
 from otpgate.errors import ConfigError
 from otpgate.server.config import DaemonConfig
 from otpgate.store.base import Store
@@ -13,11 +14,24 @@ from otpgate.store.base import Store
 log = logging.getLogger("otpgated")
 
 
+def check_key_location(config: DaemonConfig) -> None:
+    """Refuse an untrusted key directory before otpgated creates anything at all
+    (state directory, database, sockets): a refusal leaves the disk as it was."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and os.path.exists(os.path.join(credentials, config.key_credential)):
+        return  # load_keyring checks the credential, chain included
+    check_dir_chain(os.path.dirname(config.key_file), subject=f"key file {config.key_file}")
+
+
 def load_keyring(config: DaemonConfig, store: Store) -> Keyring:
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         path = os.path.join(credentials, config.key_credential)
         if os.path.exists(path):
+            # The same checks, chain included: systemd's directory passes them as it
+            # is (/run/credentials root 0755, the unit's own directory a read-only
+            # mount owned by root, mode 0700 or 0500, the file 0400), and a
+            # CREDENTIALS_DIRECTORY pointing anywhere else earns no more trust.
             key = load_key_file(path)
             log.info(
                 "key_loaded source=credential name=%s key_id=%s",
@@ -40,7 +54,9 @@ def load_keyring(config: DaemonConfig, store: Store) -> Keyring:
         )
     if not config.create_key:
         raise ConfigError(f"key file {path} does not exist and key creation is disabled")
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    # Chain checked before anything is made, so an untrusted place gets no directory
+    # and no key; what is missing is created 0700.
+    prepare_dir(os.path.dirname(path), 0o700, parents=True, subject=f"key file {path}")
     key = create_key_file(path)
     log.warning(
         "key_created path=%s key_id=%s: back this file up; without it every secret is lost",

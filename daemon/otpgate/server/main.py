@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -13,23 +14,27 @@ import threading
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from otpgate import __version__
 from otpgate.core.accounts import CachedAccountLookup, lookup_account
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
+from otpgate.core.paths import prepare_dir
 from otpgate.core.service import TwoFactorService
 from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
 from otpgate.server import logs, sdnotify
 from otpgate.server.admin import AdminServicer
-from otpgate.server.keys import load_keyring
+from otpgate.server.handlers import method_table
+from otpgate.server.keys import check_key_location, load_keyring
 from otpgate.server.pam import PamServicer
+from otpgate.server.relay import Budgets, CallerRegistry, UserSocketRelay
 from otpgate.server.user import UserServicer
 from otpgate.store.sqlite import SQLiteStore
-from otpgate.v1 import otpgate_pb2, otpgate_pb2_grpc
+from otpgate.v1 import otpgate_pb2
 
 log = logging.getLogger("otpgated")
 
@@ -38,29 +43,53 @@ _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
 ]
+_HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+_REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+# Descriptors kept for pam.sock and admin.sock whatever user.sock's callers hold
+# (each relayed connection costs three: the caller's, ours, the gRPC server's).
+_RESERVED_FDS = 512
+_WANTED_FDS = 65536
+
+
+def _service(name: str) -> ServiceDescriptor:
+    return otpgate_pb2.DESCRIPTOR.services_by_name[name]
 
 
 class Socket:
     """One grpc.server on one Unix socket, with its own health and method table."""
 
-    def __init__(self, path: str, workers: int, mode: int, gid: int | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        workers: int,
+        mode: int,
+        gid: int | None,
+        *,
+        max_calls: int | None = None,
+    ) -> None:
         self.path, self.mode, self.gid = path, mode, gid
         self.server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=workers, thread_name_prefix=os.path.basename(path)
             ),
             options=_SERVER_OPTIONS,
+            # Calls beyond this many in flight are RESOURCE_EXHAUSTED at once. Only for
+            # user.sock: on pam.sock a refused call would be a refused login (sshd's
+            # MaxStartups already bounds those callers).
+            maximum_concurrent_rpcs=max_calls,
         )
         self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self.server.add_generic_rpc_handlers((method_table(_HEALTH, self.health),))
+        self.names: list[str] = [_HEALTH.full_name]
 
-    def add(self, full_name: str) -> None:
-        self.names.append(full_name)
+    def add(self, service: ServiceDescriptor, servicer: object) -> None:
+        self.server.add_generic_rpc_handlers((method_table(service, servicer),))
+        self.names.append(service.full_name)
 
     def start(self, reflect: bool) -> None:
         if reflect:
-            reflection.enable_server_reflection([*self.names, reflection.SERVICE_NAME], self.server)
+            servicer = reflection.ReflectionServicer([*self.names, reflection.SERVICE_NAME])
+            self.server.add_generic_rpc_handlers((method_table(_REFLECTION, servicer),))
         _remove_stale_socket(self.path)
         self.server.add_insecure_port("unix:" + self.path)
         self.server.start()
@@ -75,6 +104,42 @@ class Socket:
     def stop(self, grace: float) -> threading.Event:
         self.health.enter_graceful_shutdown()
         return self.server.stop(grace)
+
+
+def _descriptor_limit() -> int:
+    """Raise the soft limit on open files toward the hard one; the limit in force.
+
+    Under the shipped unit LimitNOFILE sets it and setrlimit is filtered out (EPERM).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _WANTED_FDS if hard == resource.RLIM_INFINITY else min(hard, _WANTED_FDS)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    return _WANTED_FDS if soft == resource.RLIM_INFINITY else soft
+
+
+def _user_budgets(config: daemon_config.DaemonConfig) -> Budgets:
+    limit = _descriptor_limit()
+    fit = max(16, (limit - _RESERVED_FDS) // 3)
+    total = config.user_connections
+    if total > fit:
+        log.warning(
+            "user_connections lowered from %d to %d: the open-files limit is %d "
+            "(raise LimitNOFILE)",
+            total,
+            fit,
+            limit,
+        )
+        total = fit
+    return Budgets(
+        max_connections=total,
+        max_per_uid=min(config.user_connections_per_uid, total),
+        idle_seconds=config.user_idle_seconds,
+    )
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -97,16 +162,11 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def _prepare_dir(path: str, mode: int) -> None:
-    try:
-        os.mkdir(path)
-        os.chmod(path, mode)  # mkdir's mode is cut by the umask
-    except FileExistsError:
-        pass
-    info = os.stat(path)
-    if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
-        raise OtpgateError(
-            f"{path} must be owned by root or this user and not writable by group or others"
-        )
+    # Every component from / down is checked before anything is created (StrictModes,
+    # core/paths.py). A private directory (mode without group or other bits: the
+    # state) must have exactly its mode, so a 0755 one is refused; the sockets'
+    # 0755 directory need only be writable by nobody else.
+    prepare_dir(path, mode, exact=not mode & 0o077, subject=f"directory {path}")
 
 
 def _admin_gid(name: str) -> int:
@@ -125,10 +185,17 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 def run(config: daemon_config.DaemonConfig) -> int:
     """Serve until SIGTERM/SIGINT; main() has blocked those before any thread started."""
     os.umask(0o077)
+    check_key_location(config)
     _prepare_dir(config.state_dir, 0o700)
     _prepare_dir(config.runtime_dir, 0o755)
+    # The user gRPC server's own socket: only root may connect there, so every
+    # caller of it came through the relay, which knows who they are.
+    private_dir = os.path.join(config.runtime_dir, "private")
+    _prepare_dir(private_dir, 0o700)
     gid = _admin_gid(config.admin_group)
+    budgets = _user_budgets(config)
     store = SQLiteStore(config.database)
+    relay: UserSocketRelay | None = None
     try:
         keyring = load_keyring(config, store)
         service = TwoFactorService(
@@ -139,23 +206,40 @@ def run(config: daemon_config.DaemonConfig) -> int:
             accounts_for_enrollment=lookup_account,
         )
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
-        otpgate_pb2_grpc.add_TwoFactorAdminServicer_to_server(AdminServicer(service), admin.server)
-        admin.add(otpgate_pb2.DESCRIPTOR.services_by_name["TwoFactorAdmin"].full_name)
+        admin.add(_service("TwoFactorAdmin"), AdminServicer(service))
         passwords = PamPasswordChecker(config.password_pam_service)
-        user = Socket(config.socket("user"), config.workers, 0o666, None)
-        otpgate_pb2_grpc.add_UserSelfServiceServicer_to_server(
-            UserServicer(service, Logins(service, passwords)), user.server
+        callers = CallerRegistry()
+        user = Socket(
+            os.path.join(private_dir, "user.sock"),
+            config.workers,
+            0o600,
+            None,
+            max_calls=config.workers * 4,
         )
-        user.add(otpgate_pb2.DESCRIPTOR.services_by_name["UserSelfService"].full_name)
+        user.add(
+            _service("UserSelfService"),
+            UserServicer(service, Logins(service, passwords), callers),
+        )
         pam = Socket(config.socket("pam"), config.workers, 0o600, None)
-        otpgate_pb2_grpc.add_PamGateServicer_to_server(PamServicer(service, passwords), pam.server)
-        pam.add(otpgate_pb2.DESCRIPTOR.services_by_name["PamGate"].full_name)
+        pam.add(_service("PamGate"), PamServicer(service, passwords))
 
         stopping = threading.Event()
         for signum in _STOP_SIGNALS:
             signal.signal(signum, lambda *_: stopping.set())
         admin.start(reflect=True)
         user.start(reflect=True)
+        relay = UserSocketRelay(config.socket("user"), user.path, callers, budgets)
+        _remove_stale_socket(relay.public_path)
+        relay.bind()
+        os.chmod(relay.public_path, 0o666)  # noqa: S103 - any local user: see server.relay
+        relay.start()
+        log.info(
+            "listening socket=%s mode=0666 relay_to=%s max_connections=%d per_uid=%d",
+            relay.public_path,
+            user.path,
+            budgets.max_connections,
+            budgets.max_per_uid,
+        )
         pam.start(reflect=False)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         log.info(
@@ -166,7 +250,8 @@ def run(config: daemon_config.DaemonConfig) -> int:
         )
         sdnotify.notify("READY=1")
         interval = sdnotify.watchdog_interval()
-        watchdog = sdnotify.Watchdog(interval, store.healthy) if interval else None
+        healthy = lambda: store.healthy() and relay.alive()  # noqa: E731
+        watchdog = sdnotify.Watchdog(interval, healthy) if interval else None
         if watchdog:
             watchdog.start()
         while not stopping.wait(3600):
@@ -175,12 +260,15 @@ def run(config: daemon_config.DaemonConfig) -> int:
         if watchdog:
             watchdog.stop()
         log.info("stopping: draining in-flight calls for up to %.0fs", config.shutdown_grace)
+        relay.stop_accepting()
         done = [s.stop(config.shutdown_grace) for s in (admin, user, pam)]
         for event in done:
             event.wait()
         log.info("stopped")
         return 0
     finally:
+        if relay is not None:
+            relay.stop()
         store.close()
 
 

@@ -27,6 +27,7 @@ _STATUS: list[tuple[type[errors.OtpgateError], grpc.StatusCode]] = [
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])

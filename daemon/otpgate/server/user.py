@@ -1,4 +1,11 @@
-"""UserSelfService on user.sock: any local user, acting on their own account only."""
+"""UserSelfService on user.sock: any local user, acting on their own account only.
+
+Every call carries its caller as the kernel reported it to the relay in front of
+this server (server.relay): without one (a connection that did not come through
+the relay) nothing is served. A session belongs to the uid that logged in (root
+excepted), and its level is checked against the account at each call: a session
+opened by password alone (LEVEL_1) serves only an account without a secret.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from otpgate.core.login import Level, LoginOutcome, Logins, Response, Session
 from otpgate.core.service import TwoFactorService, UserView
 from otpgate.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from otpgate.server.messages import RESULT_TO_PB, user_to_pb
+from otpgate.server.relay import Caller, CallerRegistry
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
@@ -63,14 +71,25 @@ def _response(outcome: LoginOutcome, user_info: bool) -> pb.LoginExResponse:
 
 
 class UserServicer(pb_grpc.UserSelfServiceServicer):
-    def __init__(self, service: TwoFactorService, logins: Logins) -> None:
+    def __init__(self, service: TwoFactorService, logins: Logins, callers: CallerRegistry) -> None:
         self._service = service
         self._logins = logins
+        self._callers = callers
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        caller = self._callers.from_peer(context.peer())
+        if caller is None:
+            raise PermissionDenied("this connection did not come through user.sock")
+        return caller
 
     def _session(self, context: grpc.ServicerContext) -> Session:
+        caller = self._caller(context)
         session = self._logins.session(_token(context))
         if session is None:
             raise Unauthenticated("log in first (LoginEx): no valid session")
+        if not caller.is_root and caller.uid != session.uid:
+            # A token that leaked to another local user is worth nothing to them.
+            raise Unauthenticated("this session belongs to another uid: log in first (LoginEx)")
         return session
 
     def _own(self, context: grpc.ServicerContext, username: str) -> str:
@@ -78,9 +97,14 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         session = self._session(context)
         if username and username != session.username:
             raise PermissionDenied(f"a session of {session.username} may act on itself only")
-        account = self._service.get_user(session.username).account
-        if account.uid != session.uid:
+        view = self._service.get_user(session.username)
+        if view.account.uid != session.uid:
             raise Unauthenticated("the session's account no longer exists")
+        if not session.may_act_on(view.record):
+            raise Unauthenticated(
+                "this account has a 2FA secret this session did not prove: "
+                "log in again with a code (LEVEL_2)"
+            )
         return session.username
 
     @rpc
@@ -89,7 +113,10 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
     ) -> pb.LoginExResponse:
         if request.mechanism != pb.PASSWORD_PLAIN:
             raise InvalidArgument("mechanism", "LoginEx takes PASSWORD_PLAIN")
-        outcome = self._logins.login(request.username, request.password)
+        caller = self._caller(context)
+        outcome = self._logins.login(
+            request.username, request.password, caller_uid=caller.uid, caller=caller.describe()
+        )
         return _response(outcome, _wants_user_info(request.login_options))
 
     @rpc
@@ -98,12 +125,15 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
     ) -> pb.LoginExResponse:
         if request.mechanism != pb.OTP_TOKEN:
             raise InvalidArgument("mechanism", "LoginExContinue takes OTP_TOKEN")
-        outcome = self._logins.login_continue(request.attempt_token, request.otp_token)
+        caller = self._caller(context)
+        outcome = self._logins.login_continue(
+            request.attempt_token, request.otp_token, caller_uid=caller.uid
+        )
         return _response(outcome, _wants_user_info(request.login_options))
 
     @rpc
     def Logout(self, request: pb.LogoutRequest, context: grpc.ServicerContext) -> pb.LogoutResponse:
-        self._session(context)
+        self._session(context)  # any level may end itself
         self._logins.logout(_token(context))
         return pb.LogoutResponse()
 
@@ -116,6 +146,8 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         view = self._service.renew_secret(
             username, otp_digits=options.otp_digits or None, interval=options.interval or None
         )
+        if view.record is not None:
+            self._logins.note_created_secret(_token(context), view.record.sealed)
         return user_to_pb(view)
 
     @rpc

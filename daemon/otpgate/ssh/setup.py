@@ -9,6 +9,7 @@ administrator out, unless forced.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -88,6 +89,37 @@ def render_pam(name: str, hook: str, hook_options: str = "") -> str:
     )
 
 
+def check_hook_line(name: str, hook: str, hook_options: str) -> None:
+    """Refuse, before anything is written, a hook that is not there or options it
+    would refuse at every login (it denies on a PAM line it does not accept)."""
+    module_path = os.path.join(os.path.dirname(hook), "otpgate_pam_hook.py")
+    if os.path.basename(hook) == "otpgate_pam_hook.py":
+        module_path = hook
+    if not os.path.isfile(hook) or not os.path.isfile(module_path):
+        raise InvalidArgument(
+            "--hook", f"no otpgate hook at {hook} (with otpgate_pam_hook.py beside it)"
+        )
+    spec = importlib.util.spec_from_file_location("otpgate_pam_hook_checked", module_path)
+    if spec is None or spec.loader is None:
+        raise InvalidArgument("--hook", f"cannot load {module_path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        validate = module.validate_options
+    except Exception as exc:  # an older or broken hook: do not wire it in
+        raise InvalidArgument(
+            "--hook", f"{module_path} is not a hook this otpgate can check ({type(exc).__name__})"
+        ) from None
+    modes = re.findall(re.escape(_TEMPLATE_HOOK) + r" (\S+)", snippet(name))
+    for mode in modes:
+        try:
+            validate([mode, *hook_options.split()])
+        except module.UsageError as exc:
+            raise InvalidArgument(
+                "--hook-options", f"the hook ({mode}) would refuse: {exc}"
+            ) from None
+
+
 def default_hook() -> str:
     return next((p for p in HOOK_CANDIDATES if os.path.exists(p)), HOOK_CANDIDATES[0])
 
@@ -124,6 +156,7 @@ def plan(
             "(README, 'SSH wiring')"
         )
     _check_dropin_is_read(paths)
+    check_hook_line(name, hook, hook_options)
     return [
         Change(paths.snippet_file(name), render_pam(name, hook, hook_options)),
         Change(paths.pam_file, new_service),
