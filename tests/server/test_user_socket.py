@@ -275,6 +275,8 @@ def test_cli_as_ordinary_user_enrolls_itself(
     uri = enrolled.stdout.strip()
     assert uri.startswith("otpauth://totp/") and f"{user.name}%40" in uri
     # Enrolled now: even with 2FA off, logging in takes the code as well (LEVEL_2).
+    # window=1, so that a code read just before a 30 s boundary is still good after it.
+    public_login_daemon.admin().UpdateConfig(pb.UpdateConfigRequest(window=1), timeout=5)
     totp = pyotp.parse_uri(uri)
     refused = _cli_as(
         cli_python,

@@ -13,6 +13,7 @@ import sys
 import threading
 from concurrent import futures
 
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core reads it once, at import
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
