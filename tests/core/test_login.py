@@ -9,7 +9,15 @@ import pyotp
 import pytest
 
 from otpgate.core.crypto import Keyring
-from otpgate.core.login import ATTEMPT_SECONDS, OTP_RETRIES, Level, LoginOutcome, Logins, Response
+from otpgate.core.login import (
+    ATTEMPT_SECONDS,
+    MAX_PER_UID,
+    OTP_RETRIES,
+    Level,
+    LoginOutcome,
+    Logins,
+    Response,
+)
 from otpgate.core.passwords import PasswordResult
 from otpgate.core.service import TwoFactorService
 from otpgate.core.throttle import FIRST_DELAY_SECONDS, failure_delay
@@ -253,3 +261,17 @@ def test_level_1_session_covers_only_a_secret_it_created(env: tuple) -> None:
 def test_failure_delay_doubles() -> None:
     assert [failure_delay(n) for n in range(0, 7)] == [0, 3, 6, 12, 24, 48, 96]
     assert failure_delay(100) == 300
+
+
+def test_one_uid_cannot_fill_the_tables_for_everyone(env: tuple) -> None:
+    logins, service, clock, _ = env
+    tokens = []
+    for _ in range(MAX_PER_UID + 5):
+        tokens.append(logins.login("bob", "bob-pw", caller_uid=1001).session_token)
+        clock.now += 1
+    alive = [t for t in tokens if logins.session(t) is not None]
+    assert alive == tokens[-MAX_PER_UID:]  # the oldest gave way, the newest work
+    assert logins.login("alice", "alice-pw", caller_uid=1000).response is Response.SUCCESS
+    _enroll(service, "bob")
+    attempts = [logins.login("bob", "bob-pw", caller_uid=1001).attempt_token for _ in range(20)]
+    assert _cont(logins, attempts[0], "000000").response is Response.AUTH_ERR  # evicted

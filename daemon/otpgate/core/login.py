@@ -36,6 +36,9 @@ ATTEMPT_SECONDS = 300
 OTP_RETRIES = 3  # as TrueNAS
 SESSION_SECONDS = 900
 MAX_PENDING = 10_000
+# Per uid, so that no local user can fill the tables for everyone: a new one
+# replaces that uid's oldest.
+MAX_PER_UID = 16
 _MIN_FAILURE_SECONDS = 0.05
 
 
@@ -85,6 +88,14 @@ class LoginOutcome:
     session_expires_in: int = 0
     user: UserView | None = None
     level: Level | None = None
+
+
+def _make_room(table: dict[bytes, _Attempt] | dict[bytes, Session], uid: int) -> None:
+    mine = [(entry.expires, key) for key, entry in table.items() if entry.uid == uid]
+    if len(mine) >= MAX_PER_UID:
+        mine.sort()
+        for _, key in mine[: len(mine) - MAX_PER_UID + 1]:
+            del table[key]
 
 
 def _digest(token: str) -> bytes:
@@ -181,6 +192,7 @@ class Logins:
             token = secrets.token_urlsafe(32)
             with self._lock:
                 self._prune()
+                _make_room(self._attempts, account.uid)
                 if len(self._attempts) >= MAX_PENDING:
                     return self._failed(started)
                 self._attempts[_digest(token)] = _Attempt(
@@ -270,6 +282,7 @@ class Logins:
         )
         with self._lock:
             self._prune()
+            _make_room(self._sessions, session.uid)
             self._sessions[_digest(token)] = session
         log.info("login user=%s result=success level=%s", view.account.username, level.name)
         return LoginOutcome(
