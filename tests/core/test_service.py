@@ -15,7 +15,7 @@ from otpgate.core.accounts import Account
 from otpgate.core.crypto import Keyring
 from otpgate.core.service import TwoFactorService, VerifyResult
 from otpgate.core.settings import EnrollmentPolicy
-from otpgate.errors import InvalidArgument, KeyMismatch, NotFound
+from otpgate.errors import FailedPrecondition, InvalidArgument, KeyMismatch, NotFound
 from otpgate.store.sqlite import SQLiteStore
 
 T0 = 1_750_000_020.0  # the start of a 30-second step
@@ -305,3 +305,20 @@ def test_unset_secret_of_a_deleted_account(env: tuple) -> None:
     assert store.get_secret("alice") is None
     with pytest.raises(NotFound):
         service.unset_secret("alice")
+
+
+def test_renew_secret_only_replaces_what_the_caller_checked(tmp_path: Path) -> None:
+    accounts = Accounts()
+    accounts.add("alice", 1000)
+    service = TwoFactorService(
+        SQLiteStore(str(tmp_path / "db")), Keyring(b"k" * 32), default_issuer="T",
+        accounts=accounts,
+    )  # fmt: skip
+    seen = service.get_user("alice").record  # None: not enrolled when the caller looked
+    admins = service.renew_secret("alice")  # an admin enrolls alice in between
+    with pytest.raises(FailedPrecondition, match="changed meanwhile"):
+        service.renew_secret("alice", expected=seen)
+    assert service.get_user("alice").record == admins.record
+    assert admins.record is not None
+    mine = service.renew_secret("alice", expected=admins.record.sealed)
+    assert service.get_user("alice").record == mine.record

@@ -146,3 +146,19 @@ def test_log_is_copied_into_the_database_by_the_checkpoint_thread(tmp_path: Path
     store.close()
     assert found == [(49,)]
     assert not store._checkpointer._thread.is_alive()
+
+
+def test_put_secret_compare_and_set(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "db"))
+    first = _record("alice", 1000)
+    other = SecretRecord("alice", 1000, Sealed("k", b"m" * 12, b"d" * 48), 6, 30, 0)
+    assert store.put_secret(first, expected=None)  # nothing there yet
+    assert not store.put_secret(other, expected=None)  # someone enrolled meanwhile
+    assert not store.put_secret(other, expected=other.sealed)  # not what is there
+    assert store.get_secret("alice") == first
+    assert store.put_secret(other, expected=first.sealed)
+    assert store.get_secret("alice") == other
+    # A deleted account's row (another uid) counts as no secret for the new one.
+    assert store.put_secret(_record("alice", 2000), expected=None)
+    assert store.put_secret(first)  # no condition: replaces whatever is there
+    store.close()

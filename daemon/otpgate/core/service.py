@@ -18,8 +18,8 @@ from otpgate.core import totp
 from otpgate.core.accounts import Account, AccountLookup, check_username, lookup_account
 from otpgate.core.crypto import Keyring, account_binding
 from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS, Settings, check_int
-from otpgate.errors import InvalidArgument, KeyMismatch, NotFound
-from otpgate.store.base import SecretRecord, Store
+from otpgate.errors import FailedPrecondition, InvalidArgument, KeyMismatch, NotFound
+from otpgate.store.base import ANY_SECRET, SecretRecord, Store
 
 log = logging.getLogger("otpgated")
 
@@ -155,8 +155,16 @@ class TwoFactorService:
         return self._keyring.open(record.sealed, account_binding(record.username, record.uid))
 
     def renew_secret(
-        self, username: str, *, otp_digits: int | None = None, interval: int | None = None
+        self,
+        username: str,
+        *,
+        otp_digits: int | None = None,
+        interval: int | None = None,
+        expected: object = ANY_SECRET,
     ) -> UserView:
+        """A new secret for `username`, replacing any; with `expected` (see
+        Store.put_secret) only if the account's secret is still what the caller
+        checked, else FailedPrecondition and nothing changes."""
         settings = self._store.load_settings()
         digits = check_int("otp_digits", otp_digits or settings.otp_digits, DIGITS_BOUNDS)
         seconds = check_int("interval", interval or settings.interval, INTERVAL_BOUNDS)
@@ -172,7 +180,8 @@ class TwoFactorService:
             interval=seconds,
             created_at=int(self._clock()),
         )
-        self._store.put_secret(record)
+        if not self._store.put_secret(record, expected=expected):
+            raise FailedPrecondition(f"the 2FA secret of {account.username} changed meanwhile")
         log.info("secret_renewed user=%s digits=%d interval=%d", account.username, digits, seconds)
         return UserView(account, record, provisioning_uri=self._uri(account, record, settings))
 

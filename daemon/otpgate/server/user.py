@@ -13,7 +13,7 @@ import grpc
 
 from otpgate.core.login import Level, LoginOutcome, Logins, Response, Session
 from otpgate.core.service import TwoFactorService, UserView
-from otpgate.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from otpgate.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from otpgate.server.messages import RESULT_TO_PB, user_to_pb
 from otpgate.server.relay import Caller, CallerRegistry
 from otpgate.server.rpc import rpc
@@ -93,6 +93,11 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         return session
 
     def _own(self, context: grpc.ServicerContext, username: str) -> str:
+        return self._own_view(context, username)[0]
+
+    def _own_view(
+        self, context: grpc.ServicerContext, username: str
+    ) -> tuple[str, UserView, Session]:
         """The session's account; another name is refused, even a recreated one."""
         session = self._session(context)
         if username and username != session.username:
@@ -105,7 +110,7 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
                 "this account has a 2FA secret this session did not prove: "
                 "log in again with a code (LEVEL_2)"
             )
-        return session.username
+        return session.username, view, session
 
     @rpc
     def LoginEx(
@@ -141,11 +146,21 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
     def RenewSecret(
         self, request: pb.RenewSecretRequest, context: grpc.ServicerContext
     ) -> pb.UserEntry:
-        username = self._own(context, request.username)
+        username, checked, _ = self._own_view(context, request.username)
         options = request.twofactor_options
-        view = self._service.renew_secret(
-            username, otp_digits=options.otp_digits or None, interval=options.interval or None
-        )
+        try:
+            # Replace only the secret this session was just allowed to replace: an
+            # admin's renewal in between must not be overwritten by a password alone.
+            view = self._service.renew_secret(
+                username,
+                otp_digits=options.otp_digits or None,
+                interval=options.interval or None,
+                expected=checked.record.sealed if checked.record else None,
+            )
+        except FailedPrecondition:
+            raise Unauthenticated(
+                "this account's 2FA secret changed meanwhile: log in again with a code"
+            ) from None
         if view.record is not None:
             self._logins.note_created_secret(_token(context), view.record.sealed)
         return user_to_pb(view)

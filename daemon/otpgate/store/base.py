@@ -8,6 +8,8 @@ from typing import Protocol
 from otpgate.core.crypto import Sealed
 from otpgate.core.settings import Settings
 
+ANY_SECRET: object = object()  # put_secret(expected=...): no condition
+
 
 @dataclasses.dataclass(frozen=True)
 class SecretRecord:
@@ -36,7 +38,14 @@ class Store(Protocol):
 
     def key_ids_in_use(self) -> set[str]: ...
 
-    def put_secret(self, record: SecretRecord) -> None: ...
+    def put_secret(self, record: SecretRecord, *, expected: object = ...) -> bool:
+        """Store `record`, replacing the account's secret, in one transaction.
+
+        With `expected` (ANY_SECRET by default: replace whatever is there) it is a
+        compare-and-set: None means "only if this uid has no secret", a Sealed
+        "only if that is still the secret"; False when the account had changed.
+        """
+        ...
 
     def get_secret(self, username: str) -> SecretRecord | None: ...
 

@@ -18,7 +18,7 @@ from typing import Any
 from otpgate.core.crypto import Sealed
 from otpgate.core.settings import Settings
 from otpgate.errors import InvalidArgument, StoreError
-from otpgate.store.base import SecretRecord
+from otpgate.store.base import ANY_SECRET, SecretRecord
 
 log = logging.getLogger("otpgated")
 
@@ -205,8 +205,25 @@ class SQLiteStore:
 
     # -- secrets --------------------------------------------------------------------
 
-    def put_secret(self, record: SecretRecord) -> None:
+    def put_secret(self, record: SecretRecord, *, expected: object = ANY_SECRET) -> bool:
         with self._transaction() as db:
+            if expected is not ANY_SECRET:
+                rows = db.execute(
+                    "SELECT uid, nonce, ciphertext FROM secrets "
+                    "WHERE username = ? AND status = 'active'",
+                    (record.username,),
+                ).fetchall()
+                # A row of another uid is a deleted account's: "no secret" for this one.
+                current = rows[0] if rows and rows[0][0] == record.uid else None
+                if expected is None:
+                    if current is not None:
+                        return False
+                elif (
+                    not isinstance(expected, Sealed)
+                    or current is None
+                    or ((current[1], current[2]) != (expected.nonce, expected.ciphertext))
+                ):
+                    return False
             db.execute("DELETE FROM secrets WHERE username = ?", (record.username,))
             db.execute(
                 f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -226,6 +243,7 @@ class SQLiteStore:
                 ),
             )
             self._audit(db, "secret_renewed", record.username, f"uid={record.uid}")
+        return True
 
     def get_secret(self, username: str) -> SecretRecord | None:
         rows = self._query(
