@@ -295,6 +295,74 @@ def test_5000_connections_from_one_user_leave_pam_and_admin_answering(
     assert daemon.log().count("user_socket_refused") < 50  # refusals are not a log flood
 
 
+def test_stalled_streams_from_one_user_leave_user_sock_to_the_others(
+    public_login_daemon: Daemon,
+    make_user: object,
+    cli_python: tuple[str, dict[str, str]],
+) -> None:
+    """16 connections x 32 streams that send headers and never a request (the attack
+    review's B1): with a synchronous server they held every worker thread."""
+    attacker, bystander = make_user(), make_user()  # type: ignore[operator]
+    daemon = public_login_daemon
+    script = """
+    def frame(kind, flags, stream, payload=b""):
+        return (len(payload).to_bytes(3, "big") + bytes([kind, flags])
+                + stream.to_bytes(4, "big") + payload)
+    def literal(name, value):
+        return b"\\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+    headers = (b"\\x83\\x86" + literal(b":path", b"/otpgate.v1.UserSelfService/LoginEx")
+               + literal(b":authority", b"localhost")
+               + literal(b"content-type", b"application/grpc") + literal(b"te", b"trailers"))
+    held = []
+    for _ in range(16):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(SOCK)
+        s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + frame(4, 0, 0)
+                  + frame(4, 1, 0)
+                  + b"".join(frame(1, 4, 1 + 2 * i, headers) for i in range(32)))
+        held.append(s)
+    print(json.dumps({"held": len(held)}), flush=True)
+    sys.stdin.readline()
+    """
+    executable, env = cli_python
+    holder = subprocess.Popen(
+        [RUNUSER, "-u", attacker.name, "--", executable, "-c", _PRELUDE + textwrap.dedent(script),
+         daemon.socket("user"), "{}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd="/", env={"PATH": "/usr/bin:/bin", **env},
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert json.loads(holder.stdout.readline()) == {"held": 16}
+        time.sleep(1.0)  # every stream has reached the server
+        out = attack(
+            cli_python,
+            bystander,
+            daemon,
+            """
+            started = time.monotonic()
+            answer, _ = login(stub(), ARGS["me"], ARGS["password"])
+            print(json.dumps({"answer": answer, "seconds": time.monotonic() - started}))
+            """,
+            {"me": bystander.name, "password": bystander.password},
+        )
+        assert out["answer"] == "SUCCESS", out
+        assert out["seconds"] < 5, out
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+def test_user_sock_offers_no_long_lived_streams(public_login_daemon: Daemon) -> None:
+    channel = grpc.insecure_channel("unix:" + public_login_daemon.socket("user"))
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1  # SERVING
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)))
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 # -- finding 4: malformed requests ----------------------------------------------------------
 
 

@@ -41,6 +41,8 @@ class DaemonConfig:
     # (root is not limited per uid), and seconds a silent one is kept.
     user_connections: int = 1024
     user_connections_per_uid: int = 16
+    # ...calls one uid may have running at once (root is not limited).
+    user_calls_per_uid: int = 4
     user_idle_seconds: float = 300.0
 
     @property
@@ -136,6 +138,8 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
         raise ConfigError(f"{source}: user_connections must be from 16 to 100000")
     if not 1 <= config.user_connections_per_uid <= 1024:
         raise ConfigError(f"{source}: user_connections_per_uid must be from 1 to 1024")
+    if not 1 <= config.user_calls_per_uid <= 256:
+        raise ConfigError(f"{source}: user_calls_per_uid must be from 1 to 256")
     if not 1.0 <= config.user_idle_seconds <= 86400.0:
         raise ConfigError(f"{source}: user_idle_seconds must be from 1 to 86400")
     if "/" in config.key_credential or not config.key_credential:

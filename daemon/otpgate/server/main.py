@@ -34,6 +34,7 @@ from otpgate.server.keys import check_key_location, load_keyring
 from otpgate.server.pam import PamServicer
 from otpgate.server.relay import Budgets, CallerRegistry, UserSocketRelay
 from otpgate.server.user import UserServicer
+from otpgate.server.user_server import UserServer
 from otpgate.store.sqlite import SQLiteStore
 from otpgate.v1 import otpgate_pb2
 
@@ -210,13 +211,14 @@ def run(config: daemon_config.DaemonConfig) -> int:
         admin.add(_service("TwoFactorAdmin"), AdminServicer(service))
         passwords = PamPasswordChecker(config.password_pam_service)
         callers = CallerRegistry()
-        user = Socket(
+        user = UserServer(
             os.path.join(private_dir, "user.sock"),
-            config.workers,
-            0o600,
-            None,
-            max_calls=config.workers * 4,
+            workers=config.workers,
+            calls_per_uid=config.user_calls_per_uid,
+            callers=callers,
+            options=_SERVER_OPTIONS,
         )
+        _remove_stale_socket(user.path)
         user.add(
             _service("UserSelfService"),
             UserServicer(service, Logins(service, passwords), callers),
@@ -228,7 +230,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
         for signum in _STOP_SIGNALS:
             signal.signal(signum, lambda *_: stopping.set())
         admin.start(reflect=True)
-        user.start(reflect=True)
+        user.start()
         relay = UserSocketRelay(config.socket("user"), user.path, callers, budgets)
         _remove_stale_socket(relay.public_path)
         relay.bind()

@@ -151,7 +151,7 @@ class UserSocketRelay:
         """Bind user.sock (under the daemon's umask 077: widened by the caller)."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.public_path)
-        listener.listen(512)
+        listener.listen(4096)  # the kernel caps it at net.core.somaxconn
         listener.setblocking(False)
         self._listener = listener
 
