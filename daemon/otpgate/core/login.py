@@ -91,11 +91,10 @@ class LoginOutcome:
 
 
 def _make_room(table: dict[bytes, _Attempt] | dict[bytes, Session], uid: int) -> None:
-    mine = [(entry.expires, key) for key, entry in table.items() if entry.uid == uid]
-    if len(mine) >= MAX_PER_UID:
-        mine.sort()
-        for _, key in mine[: len(mine) - MAX_PER_UID + 1]:
-            del table[key]
+    # Dicts keep insertion order: the first of this uid's entries is its oldest.
+    mine = [key for key, entry in table.items() if entry.uid == uid]
+    for key in mine[: max(0, len(mine) - MAX_PER_UID + 1)]:
+        del table[key]
 
 
 def _digest(token: str) -> bytes:
