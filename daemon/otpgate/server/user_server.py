@@ -163,19 +163,15 @@ class UserServer:
                 )
             self._running[uid] = self._running.get(uid, 0) + 1
             thread_context = _ThreadContext(peer, tuple(context.invocation_metadata() or ()))
+            job = self._pool.submit(handler, request, thread_context)
+            # The slot is free when the thread is, not when the caller goes: a caller
+            # that cancels its calls must not pile up work beyond its share.
+            job.add_done_callback(lambda _: self._release_soon(uid))
             try:
-                reply = await self._loop.run_in_executor(
-                    self._pool, handler, request, thread_context
-                )
+                reply = await asyncio.wrap_future(job)
             except _Abort as abort:
                 await context.abort(abort.code, abort.details)
                 raise  # unreachable
-            finally:
-                left = self._running[uid] - 1
-                if left:
-                    self._running[uid] = left
-                else:
-                    del self._running[uid]
             if thread_context.code is not None:
                 context.set_code(thread_context.code)
             if thread_context.details is not None:
@@ -183,6 +179,17 @@ class UserServer:
             return reply
 
         return behavior
+
+    def _release_soon(self, uid: int | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: shutting down
+            self._loop.call_soon_threadsafe(self._release, uid)
+
+    def _release(self, uid: int | None) -> None:
+        left = self._running.get(uid, 1) - 1
+        if left > 0:
+            self._running[uid] = left
+        else:
+            self._running.pop(uid, None)
 
     @staticmethod
     def _note(budget: LineBudget, line: str) -> None:
