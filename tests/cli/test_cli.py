@@ -28,7 +28,8 @@ import pytest
 
 from otpgate import __version__
 from otpgate.v1 import otpgate_pb2 as pb
-from tests.conftest import Daemon, LocalUser, delete_user
+from tests.cli.test_qr_terminal import DARK, LIGHT, scan
+from tests.conftest import REPO, Daemon, LocalUser, delete_user
 
 CLI = [sys.executable, "-m", "otpgate.cli.main"]
 HOST = socket.gethostname()
@@ -191,45 +192,6 @@ def zbar(path: Path) -> str:
     return result.stdout
 
 
-def write_pbm(rows: list[list[bool]], path: Path, scale: int = 4) -> Path:
-    """A plain PBM (1 = dark) of a module matrix, for zbarimg."""
-    width = len(rows[0])
-    assert width > 20 and all(len(row) == width for row in rows), [len(r) for r in rows]
-    lines = [f"P1\n{width * scale} {len(rows) * scale}"]
-    for row in rows:
-        line = " ".join("1" if dark else "0" for dark in row for _ in range(scale))
-        lines += [line] * scale
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def utf8_modules(text: str) -> list[list[bool]]:
-    """Half-block QR text (a block is light, as on a dark terminal) -> dark modules."""
-    halves = {"\u2588": (False, False), " ": (True, True), "\u2580": (False, True)}
-    halves["\u2584"] = (True, False)
-    rows: list[list[bool]] = []
-    for line in text.splitlines():
-        pairs = [halves[ch] for ch in line]
-        rows += [[top for top, _ in pairs], [bottom for _, bottom in pairs]]
-    return rows
-
-
-def ansi_modules(text: str) -> list[list[bool]]:
-    """ANSI QR text (reverse video = light module, two columns each) -> dark modules."""
-    rows = []
-    for line in text.splitlines():
-        row: list[bool] = []
-        light = False
-        for token in re.split(r"(\x1b\[[0-9;]*m)", line):
-            if token.startswith("\x1b["):
-                light = token == "\x1b[7m"
-            else:
-                assert set(token) <= {" "} and len(token) % 2 == 0, repr(token)
-                row += [not light] * (len(token) // 2)
-        rows.append(row)
-    return rows
-
-
 def set_config(daemon: Daemon, *assignments: str) -> None:
     assert ok(daemon, "update", *assignments) == "updated\n"
 
@@ -339,13 +301,19 @@ def test_update_bounds(daemon: Daemon) -> None:
     assert daemon_config(daemon) == before
 
 
+BAD_ISSUER = (
+    "issuer: must be 1 to 64 printable characters without ':', or empty (issuer=) for "
+    "otpgated's default, its own issuer option or else the host name"
+)
+BAD_BOOLEAN = "must be true or false, or one of yes, no, on, off, 1, 0"
+
 REFUSED_UPDATES: list[tuple[list[str], str]] = [
     (["enrollment_policy=sometimes"],
      "enrollment_policy: must be one of optional, required (got 'sometimes')"),
     (["enrollment_policy="], "enrollment_policy: must be one of optional, required (got '')"),
-    (["issuer=a:b"], "issuer: must be 1 to 64 printable characters without ':'"),
-    (["issuer=" + "x" * 65], "issuer: must be 1 to 64 printable characters without ':'"),
-    (["issuer=tab\there"], "issuer: must be 1 to 64 printable characters without ':'"),
+    (["issuer=a:b"], BAD_ISSUER),
+    (["issuer=" + "x" * 65], BAD_ISSUER),
+    (["issuer=tab\there"], BAD_ISSUER),
     (["colour=blue"], f"colour: unknown setting; known: {KNOWN_KEYS}"),
     (["services_ssh=true"], f"services_ssh: unknown setting; known: {KNOWN_KEYS}"),
     (["=1"], f": unknown setting; known: {KNOWN_KEYS}"),
@@ -359,16 +327,16 @@ REFUSED_UPDATES: list[tuple[list[str], str]] = [
     (["window=\u0663"], "window: must be a non-negative integer (got '\u0663')"),
     (["window=4294967296"], "window: must be a non-negative integer (got '4294967296')"),
     (["window=1=2"], "window: must be a non-negative integer (got '1=2')"),
-    (["enabled=perhaps"], "enabled: must be true or false (got 'perhaps')"),
-    (["enabled="], "enabled: must be true or false (got '')"),
-    (["services.ssh=2"], "services.ssh: must be true or false (got '2')"),
+    (["enabled=perhaps"], f"enabled: {BAD_BOOLEAN} (got 'perhaps')"),
+    (["enabled="], f"enabled: {BAD_BOOLEAN} (got '')"),
+    (["services.ssh=2"], f"services.ssh: {BAD_BOOLEAN} (got '2')"),
     # Mixed: every field but one is valid; the daemon must apply none of them.
     (["enabled=false", "window=11"], "window: must be from 0 to 10 (got 11)"),
     (["issuer=Changed", "lockout_threshold=0"], "lockout_threshold: must be from 1 to 100 (got 0)"),
     (["otp_digits=7", "interval=121", "services.ssh=false"],
      "interval: must be from 5 to 120 (got 121)"),
     (["lockout_seconds=60", "issuer=a:b"],
-     "issuer: must be 1 to 64 printable characters without ':'"),
+     BAD_ISSUER),
     (["window=2", "colour=blue"], f"colour: unknown setting; known: {KNOWN_KEYS}"),
 ]  # fmt: skip
 
@@ -438,10 +406,11 @@ def test_renew_secret_digits_and_interval(daemon: Daemon, user: LocalUser) -> No
         assert (query.get("digits", ["6"]), query["period"]) == ([digits], [interval])
     uri = ok(daemon, "provisioning-uri", user.name).strip()
     refusals = [
-        (["--otp-digits", "5"], "InvalidArgument: otp_digits: must be from 6 to 8 (got 5)"),
-        (["--otp-digits", "9"], "InvalidArgument: otp_digits: must be from 6 to 8 (got 9)"),
-        (["--interval", "4"], "InvalidArgument: interval: must be from 5 to 120 (got 4)"),
-        (["--interval", "121"], "InvalidArgument: interval: must be from 5 to 120 (got 121)"),
+        # Named as the flag that was given, not as the request field behind it.
+        (["--otp-digits", "5"], "InvalidArgument: --otp-digits: must be from 6 to 8 (got 5)"),
+        (["--otp-digits", "9"], "InvalidArgument: --otp-digits: must be from 6 to 8 (got 9)"),
+        (["--interval", "4"], "InvalidArgument: --interval: must be from 5 to 120 (got 4)"),
+        (["--interval", "121"], "InvalidArgument: --interval: must be from 5 to 120 (got 121)"),
         (
             ["--otp-digits", "0"],
             "InvalidArgument: --otp-digits: must be a positive integer (got 0)",
@@ -627,12 +596,14 @@ def test_qr_utf8_and_ansi_decode_to_the_uri(
     first, _, picture = utf8.partition("\n")
     assert first == uri
     assert "\u2588" in picture and ("\u2580" in picture or "\u2584" in picture)
-    assert zbar(write_pbm(utf8_modules(picture), tmp_path / "utf8.pbm")) == uri + "\n"
+    for theme in (DARK, LIGHT):
+        assert scan(picture, theme, tmp_path / f"utf8-{theme.name}.png") == uri + "\n"
     ansi = ok(daemon, "provisioning-uri", user.name, "--qr", "ansi")
     first, _, picture = ansi.partition("\n")
     assert first == uri
     assert "\x1b[" in picture
-    assert zbar(write_pbm(ansi_modules(picture), tmp_path / "ansi.pbm")) == uri + "\n"
+    for theme in (DARK, LIGHT):
+        assert scan(picture, theme, tmp_path / f"ansi-{theme.name}.png") == uri + "\n"
 
 
 def test_qr_defaults_to_utf8_on_a_terminal(daemon: Daemon, user: LocalUser, tmp_path: Path) -> None:
@@ -659,7 +630,8 @@ def test_qr_defaults_to_utf8_on_a_terminal(daemon: Daemon, user: LocalUser, tmp_
     text = b"".join(chunks).decode().replace("\r\n", "\n")
     first, _, picture = text.partition("\n")
     assert first == uri
-    assert zbar(write_pbm(utf8_modules(picture), tmp_path / "tty.pbm")) == uri + "\n"
+    for theme in (DARK, LIGHT):
+        assert scan(picture, theme, tmp_path / f"tty-{theme.name}.png") == uri + "\n"
 
 
 def test_bad_qr_value_is_refused_before_renewing(daemon: Daemon, user: LocalUser) -> None:
@@ -790,7 +762,12 @@ def test_verify_accepts_a_code_once(daemon: Daemon, user: LocalUser) -> None:
     first = cli(daemon, "verify", user.name, code)
     assert (first.returncode, first.stdout, first.stderr) == (0, "true\n", "")
     again = cli(daemon, "verify", user.name, code)
-    assert (again.returncode, again.stdout, again.stderr) == (1, "false\n", "reason: replayed\n")
+    # Says why: the usual surprise is a code that logging in has just spent.
+    assert (again.returncode, again.stdout, again.stderr) == (
+        1,
+        "false\n",
+        "reason: replayed (already used; wait for the next code)\n",
+    )
     assert verify_json(daemon, user.name, code) == (
         1,
         {"valid": False, "result": "replayed", "locked_seconds": 0},
@@ -844,15 +821,17 @@ def test_verify_usage_and_unknown_users(daemon: Daemon, user: LocalUser) -> None
         cli(daemon, "verify", "nosuchotpgateuser", "123456"),
         "NotFound: no such account: nosuchotpgateuser",
     )
-    assert_error(
+    # One [USER] TOKEN pair, as the usage line says.
+    assert_usage_error(
         cli(daemon, "verify", user.name, "123456", "extra"),
-        "InvalidArgument: verify: expected [USER] TOKEN",
+        "otpgate",
+        "unrecognized arguments: extra",
     )
     assert_error_prefix(cli(daemon, "verify", "bad user", "123456"), "InvalidArgument: username: ")
     assert_usage_error(
         cli(daemon, "verify"),
         "otpgate verify",
-        "the following arguments are required: [USER] TOKEN",
+        "the following arguments are required: TOKEN",
     )
 
 
@@ -1248,3 +1227,123 @@ def test_unset_secret_of_a_deleted_account(daemon: Daemon, user: LocalUser) -> N
     assert json.loads(ok(daemon, "user", "list", "--json")) == []
     again = cli(daemon, "unset-secret", user.name)
     assert again.returncode == 2 and again.stderr.startswith("NotFound:")
+
+
+# -- issue: output, arguments and messages that must agree ---------------------------------
+
+
+def test_closed_stdout_is_no_error_and_the_renewal_stands(daemon: Daemon, user: LocalUser) -> None:
+    # `otpgate renew-secret USER --qr ansi | head -1`, made deterministic: the reader
+    # is gone before the CLI writes a byte.
+    before = renew(daemon, user.name)
+    env = {**os.environ, "OTPGATE_SOCKET": daemon.admin_socket}
+    for args, status in ((["renew-secret", user.name, "--qr", "ansi"], 0),
+                         (["verify", user.name, "000000"], 1)):  # fmt: skip
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = subprocess.run(
+                [*CLI, *args], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                env=env, timeout=60,
+            )  # fmt: skip
+        finally:
+            os.close(write_end)
+        # No traceback, no "Exception ignored": the command's own status stands.
+        assert (result.returncode, result.stderr) == (status, ""), (args, result.stderr)
+    after = ok(daemon, "provisioning-uri", user.name).strip()
+    assert secret_of(after) != secret_of(before)  # the secret was renewed all the same
+
+
+def test_verify_usage_is_one_user_and_token() -> None:
+    result = run("verify", "--help")
+    assert result.returncode == 0
+    usage = result.stdout.split("\n\n")[0]
+    assert usage.endswith("[USER] TOKEN"), usage
+    assert "[[USER] TOKEN ...]" not in result.stdout
+
+
+def test_update_booleans_and_issuer_are_documented_as_parsed() -> None:
+    # The aliases yes/no, on/off, 1/0 are accepted (test above) and `issuer=` resets the
+    # issuer: the error, --help and the man page say so.
+    page = (REPO / "packaging" / "man" / "otpgate.1").read_text().replace("\\-", "-")
+    help_text = " ".join(run("update", "--help").stdout.split())
+    for text in (page, help_text):
+        flat = " ".join(text.split())
+        assert "yes, no, on, off, 1" in flat, flat
+        assert "issuer=" in flat
+    assert "otpgated's default" in " ".join(page.split())
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "0.05", "nan", "inf", "3601"])
+def test_timeout_must_be_positive_and_bounded(daemon: Daemon, value: str) -> None:
+    started = time.monotonic()
+    result = cli(daemon, "--timeout", value, "config")
+    assert_error(
+        result,
+        f"InvalidArgument: --timeout: must be from 0.1 to 3600 seconds (got {float(value):g})",
+    )
+    assert time.monotonic() - started < 10
+    assert ok(daemon, "--timeout", "3600", "config").startswith("enabled")
+
+
+def test_empty_user_is_refused_everywhere(daemon: Daemon) -> None:
+    mean_you = "InvalidArgument: USER: must not be empty (leave it out to mean yourself)"
+    commands = [
+        (["user", "show", ""], mean_you),
+        (["renew-secret", "", "--qr", "none"], mean_you),
+        (["provisioning-uri", ""], mean_you),
+        (["verify", "", "123456"], mean_you),
+        (["unset-secret", ""], "InvalidArgument: USER: must not be empty"),
+    ]
+    results = run_many([args for args, _ in commands], daemon.admin_socket)
+    for (_, message), result in zip(commands, results, strict=True):
+        assert_error(result, message)
+    assert json.loads(ok(daemon, "user", "list", "--json")) == []  # root was not enrolled
+
+
+def test_user_show_says_not_enrolled_and_explains_a_lock(daemon: Daemon, user: LocalUser) -> None:
+    lines = ok(daemon, "user", "show", user.name).splitlines()
+    assert f"{'twofactor_interval':<25}  none (not enrolled)" in lines
+    assert f"{'twofactor_otp_digits':<25}  none (not enrolled)" in lines
+    set_config(daemon, "lockout_threshold=2")
+    secret = secret_of(renew(daemon, user.name))
+    for _ in range(2):
+        cli(daemon, "verify", user.name, wrong_code(secret))
+    shown = {
+        line[:25].rstrip(): line[27:] for line in ok(daemon, "user", "show", user.name).splitlines()
+    }
+    # The store counts afresh once a lock begins: a bare 0 would read as "no wrong codes".
+    assert shown["failed_attempts"] == "0 (counted afresh since the lock)"
+    assert re.fullmatch(r"\d+ \(locked after too many wrong codes\)", shown["locked_seconds"])
+    assert (shown["twofactor_interval"], shown["twofactor_otp_digits"]) == ("30", "6")
+    data = user_json(daemon, user.name)  # JSON keeps its numbers
+    assert data["failed_attempts"] == 0 and data["locked_seconds"] > 0
+
+
+def test_help_describes_every_command_and_option() -> None:
+    described = {
+        ("user", "show"): "One account's NSS facts and 2FA state",
+        ("user", "list"): "Every enrolled account",
+        ("setup",): "Wire otpgate into a service",
+        ("user",): "Show accounts",
+    }
+    results = run_many([[*command, "--help"] for command in described])
+    for (command, text), result in zip(described.items(), results, strict=True):
+        assert result.returncode == 0, command
+        assert text in " ".join(result.stdout.split()), (command, result.stdout)
+    wire = run("setup", "ssh", "--help").stdout
+    options = re.findall(r"^  (--[a-z-]+)(?: [A-Z_]+)?\s*(.*(?:\n {20,}.*)*)", wire, re.MULTILINE)
+    helps = {name: " ".join(text.split()) for name, text in options}
+    for name in ("--sshd-config", "--pam-dir", "--backup-dir", "--sshd-config-dir"):
+        assert helps[name] and not helps[name].startswith("(default"), (name, helps[name])
+
+
+def test_readme_cli_table_lists_every_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## The CLI\n", 1)[1].split("\n## ", 1)[0]
+    tables = re.findall(r"(?:^\|.*\|\n)+", section, re.MULTILINE)
+    assert len(tables) == 1, tables  # one table: no blank line breaking it in two
+    rows = [row for row in tables[0].splitlines()[2:]]
+    named = {re.match(r"\| `otpgate ([a-z-]+(?: (?:show|list|ssh))?)", row)[1] for row in rows}  # type: ignore[index]
+    assert named == {"config", "update", "renew-secret", "provisioning-uri", "verify",
+                     "unset-secret", "user show", "user list", "doctor", "setup ssh"}  # fmt: skip

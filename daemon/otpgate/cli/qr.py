@@ -1,4 +1,33 @@
-"""QR codes of provisioning URIs, for the terminal or a file."""
+"""QR codes of provisioning URIs, for the terminal or a file.
+
+Formats (`--qr`):
+
+- utf8: the default on a terminal. Half blocks (one text line holds two rows of
+  modules, one column one module) in explicit colours: black glyphs on a white
+  cell background, quiet zone included.
+- ansi: plain ASCII: two spaces per module, each with an explicit black or white
+  background. Twice as tall as utf8, but needs neither UTF-8 nor a font whose block
+  glyphs join up (cell backgrounds always do).
+- none: no QR code.
+- png:FILE, svg:FILE: a picture, black on white with a quiet zone of 4 modules,
+  written mode 0600 (it holds the secret).
+
+A terminal's default colours are its theme's, light on dark or dark on light, so a
+picture drawn in them (as segno's terminal output is: blocks in the default
+foreground, reverse video) comes out inverted on one of the two, and many scanners
+(zbarimg among them) read only dark on light. Even the 16-colour palette is themed
+(base16 light themes make "black" white and "white" dark grey). So both terminal
+formats set both colours on every line: first the basic ones (SGR 30/40 black, 37/47
+white) for terminals that know no more, then the 256-colour palette's white (231,
+#ffffff) and darkest grey (232, #080808), which themes do not recolour (base16-shell
+recolours 16-21, so not 16, the cube's black). Each line starts with SGR 0 (nothing
+left over, such as reverse video, inverts it) and ends with SGR 0 before its newline
+(a newline that scrolls would paint the new line in the current background; what
+follows gets the terminal's own colours). The quiet zone is drawn, not left to the
+terminal's background: 4 modules on every side as ISO/IEC 18004 asks (5 at the
+bottom in utf8, which draws rows in pairs). NO_COLOR is not honoured: these colours
+are the picture, not decoration; `--qr none` or a file avoids escape sequences.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +43,20 @@ from otpgate.core.paths import parent_nofollow
 from otpgate.errors import ClientError, InvalidArgument
 
 FORMATS = "ansi, utf8, none, png:FILE, svg:FILE"
+QUIET_ZONE = 4  # light modules around the symbol: ISO/IEC 18004's minimum
+
+# SGR: reset, then the basic colour, then the same from the 256-colour palette.
+_RESET = "\x1b[0m"
+_DARK_ON_LIGHT = "\x1b[0;30;47;38;5;232;48;5;231m"  # black glyphs, white cells
+_DARK_CELL = "\x1b[40;48;5;232m"
+_LIGHT_CELL = "\x1b[47;48;5;231m"
+# A half-block glyph for (upper module dark, lower module dark): glyphs draw dark.
+_HALF_BLOCKS = {
+    (False, False): " ",
+    (True, True): "\u2588",  # full block
+    (True, False): "\u2580",  # upper half block
+    (False, True): "\u2584",  # lower half block
+}
 
 
 def check_format(spec: str) -> str:
@@ -75,19 +118,44 @@ def emit(uri: str, spec: str, out: TextIO) -> str | None:
     if kind == "none":
         return None
     code = segno.make(uri, error="m", micro=False)
-    if kind == "ansi":
-        code.terminal(out=out, compact=False)
-        return None
-    if kind == "utf8":
-        code.terminal(out=out, compact=True)
+    if kind in ("ansi", "utf8"):
+        rows = [[bool(module) for module in row] for row in code.matrix_iter(border=QUIET_ZONE)]
+        lines = _half_blocks(rows) if kind == "utf8" else _backgrounds(rows)
+        out.write("".join(f"{line}{_RESET}\n" for line in lines))
         return None
     buffer = io.BytesIO()
-    code.save(buffer, kind=kind, scale=8 if kind == "png" else 4, border=4)
+    code.save(buffer, kind=kind, scale=8 if kind == "png" else 4, border=QUIET_ZONE)
     try:
         _write_private(path, buffer.getvalue())
     except OSError as exc:
         raise ClientError(f"cannot write the QR code to {path}: {_why(exc, path)}") from None
     return path
+
+
+def _half_blocks(rows: list[list[bool]]) -> list[str]:
+    """utf8: two rows of modules (True = dark) a line, an odd last one with a light
+    row under it."""
+    if len(rows) % 2:
+        rows = [*rows, [False] * len(rows[0])]
+    return [
+        _DARK_ON_LIGHT + "".join(_HALF_BLOCKS[pair] for pair in zip(upper, lower, strict=True))
+        for upper, lower in zip(rows[::2], rows[1::2], strict=True)
+    ]
+
+
+def _backgrounds(rows: list[list[bool]]) -> list[str]:
+    """ansi: two spaces a module, the colour switched only where it changes."""
+    lines = []
+    for row in rows:
+        line = _RESET  # nothing left over (reverse video...) inverts it
+        previous = None
+        for dark in row:
+            if dark != previous:
+                line += _DARK_CELL if dark else _LIGHT_CELL
+                previous = dark
+            line += "  "
+        lines.append(line)
+    return lines
 
 
 def _write_private(path: str, data: bytes) -> None:

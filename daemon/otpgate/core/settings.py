@@ -90,8 +90,9 @@ def check_issuer(field: str, value: Any, *, allow_empty: bool) -> str:
         return value
     # The Key Uri Format separates issuer and account with ':' in the label.
     if not 1 <= len(value) <= ISSUER_MAX_LEN or ":" in value or not value.isprintable():
+        reset = " (or empty, to reset it to the default)" if allow_empty else ""
         raise InvalidArgument(
-            field, f"must be 1 to {ISSUER_MAX_LEN} printable characters without ':'"
+            field, f"must be 1 to {ISSUER_MAX_LEN} printable characters without ':'{reset}"
         )
     return value
 

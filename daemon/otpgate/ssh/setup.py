@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import resources
 
 from otpgate.errors import FailedPrecondition, InvalidArgument, OtpgateError
@@ -128,6 +128,44 @@ def default_hook() -> str:
 class Change:
     path: str
     new: str | None  # None: remove the file
+
+
+@dataclasses.dataclass(frozen=True)
+class FileChange:
+    """One file that setup or undo writes or removes, with its text before and after
+    (for `--dry-run`'s diff and `--json`)."""
+
+    action: str  # "write", "restore" or "remove"
+    path: str
+    old: str | None  # the file as it is now; None: there is none
+    new: str | None  # None: removed
+
+
+class Report(list[str]):
+    """What setup or undo did (or would do): one line each, as printed (still a list
+    of lines, as it was before it carried data), and the same as data: `changes` in
+    the order applied, `reloaded` what reloading sshd said (None in a dry run)."""
+
+    def __init__(
+        self,
+        lines: Iterable[str],
+        changes: list[FileChange],
+        *,
+        dry_run: bool,
+        reloaded: str | None = None,
+    ) -> None:
+        super().__init__(lines)
+        self.changes = changes
+        self.dry_run = dry_run
+        self.reloaded = reloaded
+
+
+def _current(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def plan(
@@ -294,14 +332,15 @@ def setup(
     dry_run: bool = False,
     reload: Callable[[], str] = reload_sshd,
     checks: Checks = doctor_checks,
-) -> list[str]:
-    """Wire `flow`; returns what it did (or would do), one line each."""
+) -> Report:
+    """Wire `flow`; returns what it did (or would do)."""
     changes = plan(flow, paths, hook, hook_options, prompt)
     if lockout_risk and not force:
         raise FailedPrecondition(f"{lockout_risk}; fix that first, or pass --force")
-    report = [f"write {c.path}" for c in changes]
+    files = [FileChange("write", c.path, _current(c.path), c.new) for c in changes]
+    lines = [f"write {c.path}" for c in changes]
     if dry_run:
-        return ["dry run, nothing changed:", *report]
+        return Report(["dry run, nothing changed:", *lines], files, dry_run=True)
     transaction = Transaction(paths.backup_dir)
     try:
         for change in changes:
@@ -311,33 +350,32 @@ def setup(
         if problems:
             raise SetupError("the new wiring has problems: " + "; ".join(problems))
         transaction.keep_backup()
-        report.append(reload())
+        reloaded = reload()
     except BaseException:
         transaction.rollback()
         raise
-    return report
+    return Report([*lines, reloaded], files, dry_run=False, reloaded=reloaded)
 
 
-def undo(
-    paths: Paths, *, dry_run: bool = False, reload: Callable[[], str] = reload_sshd
-) -> list[str]:
+def undo(paths: Paths, *, dry_run: bool = False, reload: Callable[[], str] = reload_sshd) -> Report:
     saved = load_backup(paths.backup_dir)
     if not saved:
         raise SetupError(f"nothing to undo: no backup in {paths.backup_dir}")
-    report = [
-        (f"restore {path}" if text is not None else f"remove {path}")
+    files = [
+        FileChange("restore" if text is not None else "remove", path, _current(path), text)
         for path, text in saved.items()
     ]
+    lines = [f"{f.action} {f.path}" for f in files]
     if dry_run:
-        return ["dry run, nothing changed:", *report]
+        return Report(["dry run, nothing changed:", *lines], files, dry_run=True)
     transaction = Transaction(paths.backup_dir)
     try:
         for path, text in saved.items():
             transaction.apply(Change(path, text))
         sshd_test(paths)
-        report.append(reload())
+        reloaded = reload()
     except BaseException:
         transaction.rollback()
         raise
     os.unlink(os.path.join(paths.backup_dir, _MANIFEST))
-    return report
+    return Report([*lines, reloaded], files, dry_run=False, reloaded=reloaded)

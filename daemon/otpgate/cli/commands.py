@@ -1,0 +1,395 @@
+"""One function per command: the client and the parsed arguments in, what to show out.
+
+Nothing here prints (render.py does) or knows the transport (client.py does); a
+command's result also carries its exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from otpgate.cli import qr
+from otpgate.cli.client import Client, Verification, admin_group, current_user
+from otpgate.core.settings import (
+    DIGITS_BOUNDS,
+    INTERVAL_BOUNDS,
+    ISSUER_MAX_LEN,
+    check_int,
+    check_issuer,
+)
+from otpgate.errors import InvalidArgument, OtpgateError, PermissionDenied
+from otpgate.ssh import doctor as ssh_doctor
+from otpgate.ssh import setup as ssh_setup
+from otpgate.v1 import otpgate_pb2 as pb
+
+EXIT_OK, EXIT_FALSE, EXIT_ERROR = 0, 1, 2
+_UINT32_MAX = 2**32 - 1
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    @property
+    def status(self) -> int:
+        return EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigShown(Result):
+    config: pb.TwoFactorConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigUpdated(Result):
+    config: pb.TwoFactorConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UriShown(Result):
+    uri: str
+    qr: str  # the --qr format; a file is already written (qr_file)
+    qr_file: str | None
+    user: pb.UserEntry | None = None  # renew-secret: the account as it is now
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified(Result):
+    verification: Verification
+
+    @property
+    def status(self) -> int:
+        return EXIT_OK if self.verification.valid else EXIT_FALSE
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretUnset(Result):
+    user: pb.UserEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class UserShown(Result):
+    user: pb.UserEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class UsersListed(Result):
+    users: list[pb.UserEntry]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    area: str  # sshd, pam or daemon
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorReport(Result):
+    flow: str | None
+    problems: list[Problem]
+
+    @property
+    def status(self) -> int:
+        return EXIT_FALSE if self.problems else EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class SshWired(Result):
+    report: ssh_setup.Report
+
+
+# -- arguments --------------------------------------------------------------------------
+
+
+def user_argument(value: str | None) -> str:
+    """USER as given, or you when it is left out; an empty one is refused (it would
+    otherwise quietly mean you, or whatever the daemon makes of it)."""
+    if value is None:
+        return current_user()
+    if not value:
+        raise InvalidArgument("USER", "must not be empty (leave it out to mean yourself)")
+    return value
+
+
+def _option(name: str, value: int | None, bounds: tuple[int, int]) -> int:
+    if value is None:
+        return 0  # the daemon's default
+    if value <= 0:
+        raise InvalidArgument(name, f"must be a positive integer (got {value})")
+    return check_int(name, value, bounds)
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOLEANS |= {"false": False, "no": False, "off": False, "0": False}
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    if text.lower() not in _BOOLEANS:
+        raise InvalidArgument(
+            key, f"must be true or false, or one of yes, no, on, off, 1, 0 (got {text!r})"
+        )
+    return _BOOLEANS[text.lower()]
+
+
+def _parse_uint(key: str, text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > _UINT32_MAX:
+        raise InvalidArgument(key, f"must be a non-negative integer (got {text!r})")
+    return int(text)
+
+
+_POLICIES = {"optional": pb.ENROLLMENT_POLICY_OPTIONAL, "required": pb.ENROLLMENT_POLICY_REQUIRED}
+
+
+def _parse_policy(key: str, text: str) -> int:
+    if text.lower() not in _POLICIES:
+        raise InvalidArgument(key, f"must be one of {', '.join(_POLICIES)} (got {text!r})")
+    return _POLICIES[text.lower()]
+
+
+def _parse_issuer(key: str, text: str) -> str:
+    # Checked here as otpgated checks it, so that the message can say what `issuer=`
+    # (empty) does: it goes back to the daemon's default.
+    try:
+        return check_issuer(key, text, allow_empty=True)
+    except InvalidArgument:
+        raise InvalidArgument(
+            key,
+            f"must be 1 to {ISSUER_MAX_LEN} printable characters without ':', or empty "
+            "(issuer=) for otpgated's default, its own issuer option or else the host name",
+        ) from None
+
+
+# CLI key -> (UpdateConfigRequest field, parser).
+UPDATE_KEYS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "enabled": ("enabled", _parse_bool),
+    "window": ("window", _parse_uint),
+    "services.ssh": ("services_ssh", _parse_bool),
+    "otp_digits": ("otp_digits", _parse_uint),
+    "interval": ("interval", _parse_uint),
+    "issuer": ("issuer", _parse_issuer),
+    "enrollment_policy": ("enrollment_policy", _parse_policy),
+    "lockout_threshold": ("lockout_threshold", _parse_uint),
+    "lockout_seconds": ("lockout_seconds", _parse_uint),
+}
+
+
+def update_request(assignments: Sequence[str]) -> pb.UpdateConfigRequest:
+    request = pb.UpdateConfigRequest()
+    seen: set[str] = set()
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidArgument(item, "expected KEY=VALUE")
+        if key not in UPDATE_KEYS:
+            raise InvalidArgument(key, f"unknown setting; known: {', '.join(UPDATE_KEYS)}")
+        if key in seen:
+            raise InvalidArgument(key, "given twice")
+        seen.add(key)
+        field, parse = UPDATE_KEYS[key]
+        setattr(request, field, parse(key, value))
+    return request
+
+
+def _qr_format(args: argparse.Namespace) -> str:
+    """--qr, checked before anything changes ("" is refused, not the default): renew-secret
+    must not replace a secret whose QR code it then cannot save."""
+    if args.qr is not None:
+        return qr.check_format(args.qr)
+    return "utf8" if sys.stdout.isatty() and not args.json else "none"
+
+
+def _write_qr_file(uri: str, spec: str) -> str | None:
+    # Written before anything is printed: a reader that goes away early (`| head -1`)
+    # must not cost the picture of a secret that has already been replaced.
+    if spec.startswith(("png:", "svg:")):
+        return qr.emit(uri, spec, sys.stderr)
+    return None
+
+
+# -- the commands -----------------------------------------------------------------------
+
+
+def config(client: Client, args: argparse.Namespace) -> ConfigShown:
+    return ConfigShown(client.get_config())
+
+
+def update(client: Client, args: argparse.Namespace) -> ConfigUpdated:
+    return ConfigUpdated(client.update_config(update_request(args.assignments)))
+
+
+def renew_secret(client: Client, args: argparse.Namespace) -> UriShown:
+    spec = _qr_format(args)
+    user = user_argument(args.user)
+    entry = client.renew_secret(
+        user,
+        otp_digits=_option("--otp-digits", args.otp_digits, DIGITS_BOUNDS),
+        interval=_option("--interval", args.interval, INTERVAL_BOUNDS),
+    )
+    uri = entry.twofactor_config.provisioning_uri
+    return UriShown(uri, spec, _write_qr_file(uri, spec), entry)
+
+
+def provisioning_uri(client: Client, args: argparse.Namespace) -> UriShown:
+    spec = _qr_format(args)
+    uri = client.provisioning_uri(user_argument(args.user))
+    return UriShown(uri, spec, _write_qr_file(uri, spec))
+
+
+def verify(client: Client, args: argparse.Namespace) -> Verified:
+    user = user_argument(args.user)
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    return Verified(client.verify(user, token))
+
+
+def unset_secret(client: Client, args: argparse.Namespace) -> SecretUnset:
+    if not args.user:
+        raise InvalidArgument("USER", "must not be empty")
+    return SecretUnset(client.unset_secret(args.user))
+
+
+def user_show(client: Client, args: argparse.Namespace) -> UserShown:
+    return UserShown(client.get_user(user_argument(args.user)))
+
+
+def user_list(client: Client, args: argparse.Namespace) -> UsersListed:
+    return UsersListed(client.list_users())
+
+
+def doctor(client: Client, args: argparse.Namespace) -> DoctorReport:
+    # The daemon first: an ordinary user is refused before sshd -T (which needs root
+    # to read the host keys) would report that as an sshd problem.
+    daemon = _doctor_daemon(client, args.socket)
+    problems: list[str] = []
+    config: dict[str, list[str]] | None = None
+    try:
+        config = ssh_doctor.parse_sshd_t(
+            ssh_doctor.sshd_effective_config(args.sshd, args.sshd_config)
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        problems.append(f"sshd: cannot read the effective configuration: {exc}")
+    service = args.pam_service or os.path.basename(args.sshd)
+    stack: list[ssh_doctor.PamLine] = []
+    try:
+        stack = ssh_doctor.read_pam_auth(service, args.pam_dir)
+    except OSError as exc:
+        problems.append(f"pam: cannot read service {service}: {exc.strerror}")
+    flow = ssh_doctor.detect_flow(stack)
+    if config is not None:
+        problems += ssh_doctor.check_sshd(config, flow)
+    if stack:
+        problems += ssh_doctor.check_pam(service, stack, ssh_doctor.root_owned_chain)
+    problems += daemon
+    return DoctorReport(flow, [Problem(*_split_problem(p)) for p in problems])
+
+
+def _split_problem(text: str) -> tuple[str, str]:
+    area, _, message = text.partition(": ")
+    return (area, message) if message else ("", text)
+
+
+def _doctor_daemon(client: Client, admin_socket: str) -> list[str]:
+    try:
+        settings = client.get_config()
+        users = client.list_users()
+    except PermissionDenied:
+        raise
+    except OtpgateError as exc:
+        settings, users, unreachable = None, [], f"daemon: not reachable: {exc}"
+    else:
+        unreachable = ""
+    pam_socket = os.path.join(os.path.dirname(admin_socket), "pam.sock")
+    problems = []
+    try:
+        info = os.stat(pam_socket)
+        if stat.S_IMODE(info.st_mode) & 0o077 or info.st_uid != 0:
+            problems.append(f"daemon: {pam_socket} is reachable by others than root")
+    except OSError:
+        problems.append(f"daemon: no PAM socket at {pam_socket}: every login would be refused")
+    if settings is None:
+        return [*problems, unreachable]
+    if settings.enabled and settings.services.ssh:
+        admins, any_enrolled = _admins_enrolled(users, admin_socket)
+        if not any_enrolled:
+            problems.append(
+                "daemon: 2FA is on for SSH but no administrator is enrolled "
+                f"({', '.join(admins)}): enroll one with `otpgate renew-secret USER`"
+            )
+    return problems
+
+
+def _admins_enrolled(users: list[pb.UserEntry], admin_socket: str) -> tuple[list[str], bool]:
+    # The admin group as otpgated applied it; unknown (""): root and the usual groups.
+    group = admin_group(admin_socket) or ""
+    return ssh_doctor.unenrolled_admins((u.username for u in users), group)
+
+
+def lockout_risk(client: Client, admin_socket: str) -> str | None:
+    """Why enabling SSH wiring now could lock every administrator out, if it could."""
+    try:
+        settings = client.get_config()
+        users = client.list_users()
+    except PermissionDenied:
+        raise
+    except OtpgateError as exc:
+        return f"otpgated is not reachable: {exc}; with fail=secure every login would be refused"
+    if not (settings.enabled and settings.services.ssh):
+        return None
+    if settings.enrollment_policy != pb.ENROLLMENT_POLICY_REQUIRED:
+        return None
+    admins, any_enrolled = _admins_enrolled(users, admin_socket)
+    if any_enrolled:
+        return None
+    return (
+        f"2FA is required for SSH and no administrator ({', '.join(admins)}) is enrolled: "
+        "every admin would be locked out (otpgate renew-secret USER)"
+    )
+
+
+def setup_ssh(client: Client, args: argparse.Namespace) -> SshWired:
+    paths = ssh_setup.Paths(
+        pam_dir=args.pam_dir,
+        sshd_config=args.sshd_config,
+        sshd_config_dir=args.sshd_config_dir
+        or os.path.join(os.path.dirname(args.sshd_config), "sshd_config.d"),
+        sshd=args.sshd,
+        backup_dir=args.backup_dir,
+    )
+    reload = ssh_setup.reload_sshd if args.reload else (lambda: "sshd not reloaded (--no-reload)")
+    try:
+        if args.undo:
+            # No daemon needed: this is the way back when logins fail.
+            return SshWired(ssh_setup.undo(paths, dry_run=args.dry_run, reload=reload))
+        if args.flow is None:
+            raise InvalidArgument("--flow", f"required: one of {', '.join(ssh_setup.FLOWS)}")
+        report = ssh_setup.setup(
+            args.flow,
+            paths,
+            hook=args.hook or ssh_setup.default_hook(),
+            hook_options=args.hook_options,
+            prompt=args.prompt,
+            lockout_risk=lockout_risk(client, args.socket),
+            force=args.force,
+            dry_run=args.dry_run,
+            reload=reload,
+        )
+    except PermissionError as exc:  # setup has put back whatever it had changed
+        raise PermissionDenied(
+            f"setup ssh: {exc.filename or 'a file'}: {exc.strerror}: run it as root"
+        ) from None
+    except OSError as exc:
+        raise ssh_setup.SetupError(
+            f"{exc.filename or 'a file'}: {exc.strerror or exc}; the files are as they were"
+        ) from None
+    except subprocess.SubprocessError as exc:  # systemctl reload failed, or hung
+        raise ssh_setup.SetupError(
+            f"reloading sshd failed: {exc}; the files are as they were"
+        ) from None
+    return SshWired(report)
