@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from otpgate.cli.client import (
 )
 from otpgate.cli.prompts import StdinSecrets
 from otpgate.core.login import OTP_RETRIES
-from otpgate.errors import InvalidArgument, PermissionDenied
+from otpgate.errors import ClientError, InvalidArgument, PermissionDenied
 from otpgate.v1 import otpgate_pb2 as pb
 
 
@@ -161,3 +162,53 @@ def test_json_shapes_come_from_the_messages() -> None:
         "valid": False, "result": "locked", "locked_seconds": None,
     }  # fmt: skip
     assert _shown(verdict) == ("false\n", "account locked after too many wrong codes\n")
+
+
+class Password:
+    def ask(self, prompt: str) -> str:
+        return "not-a-real-password"
+
+    def tell(self, message: str) -> None:
+        pass
+
+
+def _full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A Unix socket whose listen queue is full: further connect()s get EAGAIN, as
+    during another user's connect() flood on user.sock."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)
+    fillers = []
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            s.close()
+            return listener, fillers
+        fillers.append(s)
+
+
+def test_self_service_waits_for_a_busy_socket_within_its_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "user.sock"
+    listener, fillers = _full_listener(path)
+    client = SelfServiceClient(str(path), 1.5, command="user show", secrets=Password())
+    started = time.monotonic()
+    with pytest.raises(ClientError, match="did not answer in time"):
+        client.get_user(client.username)
+    assert time.monotonic() - started >= 1.4  # it waited instead of failing at once
+    for s in (listener, *fillers):
+        s.close()
+
+
+def test_self_service_fails_at_once_when_nobody_listens(tmp_path: Path) -> None:
+    path = tmp_path / "user.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a socket file left by a stopped daemon
+    client = SelfServiceClient(str(path), 30, command="user show", secrets=NoAnswers())
+    started = time.monotonic()
+    with pytest.raises(ClientError, match="nobody listens there"):
+        client.get_user(client.username)
+    assert time.monotonic() - started < 5

@@ -7,6 +7,7 @@ from otpgate.core.throttle import (
     FORGET_SECONDS,
     LineBudget,
     PasswordThrottle,
+    Spacing,
     TokenBucket,
 )
 from tests.core.test_service import Clock
@@ -66,3 +67,15 @@ def test_line_budget_counts_what_it_suppressed() -> None:
     ]  # fmt: skip
     clock.now += 1
     assert budget.allow() == (True, 3)
+
+
+def test_spacing_one_event_per_key_per_interval() -> None:
+    clock = Clock()
+    spacing = Spacing(5.0, clock)
+    assert spacing.take("alice") == 0.0
+    assert spacing.take("alice") == 5.0
+    assert spacing.take("bob") == 0.0
+    clock.now += 4
+    assert spacing.take("alice") == 1.0
+    clock.now += 1
+    assert spacing.take("alice") == 0.0

@@ -363,6 +363,18 @@ def test_user_sock_offers_no_long_lived_streams(public_login_daemon: Daemon) -> 
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_self_service_renewals_are_spaced(login_daemon: Daemon, user: LocalUser) -> None:
+    """Each renewal is a durable write and a log line: not as fast as one can ask."""
+    session = login(login_daemon, user.name, user.password)
+    meta = [("authorization", f"Bearer {session.session_token}")]
+    stub = login_daemon.user()
+    stub.RenewSecret(pb.RenewSecretRequest(), timeout=5, metadata=meta)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.RenewSecret(pb.RenewSecretRequest(), timeout=5, metadata=meta)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "renewed a secret moments ago" in refused.value.details()
+
+
 # -- finding 4: malformed requests ----------------------------------------------------------
 
 

@@ -249,7 +249,6 @@ class AdminClient(_Transport):
 
     def __init__(self, socket_path: str, timeout: float, *, command: str) -> None:
         super().__init__(socket_path, timeout, command)
-        self._wait_for_ready = True
         self._stub: pb_grpc.TwoFactorAdminStub | None = None
 
     def _admin(self) -> pb_grpc.TwoFactorAdminStub:
@@ -303,6 +302,7 @@ class SelfServiceClient(_Transport):
         admin_socket: str | None = None,
     ) -> None:
         super().__init__(socket_path, timeout, command)
+        self._wait_for_ready = True
         self.username = current_user()
         self._secrets = secrets
         self._admin_socket = admin_socket or os.path.join(

@@ -150,3 +150,27 @@ class LineBudget:
                 return True, suppressed
             self._suppressed += 1
             return False, 0
+
+
+class Spacing:
+    """At most one event per key every `seconds` (e.g. a self-service renewal: each
+    is a durable write and a log line, and one a few seconds is plenty)."""
+
+    def __init__(self, seconds: float, clock: Clock, max_keys: int = MAX_TRACKED) -> None:
+        self._seconds = seconds
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+
+    def take(self, key: str) -> float:
+        """0.0 and the event counts now; or the seconds until the next may."""
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._seconds:
+                return self._seconds - (now - last)
+            if len(self._last) >= self._max_keys:
+                self._last = {k: t for k, t in self._last.items() if now - t < self._seconds}
+            self._last[key] = now
+            return 0.0

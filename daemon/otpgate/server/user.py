@@ -9,11 +9,21 @@ opened by password alone (LEVEL_1) serves only an account without a secret.
 
 from __future__ import annotations
 
+import math
+import time
+
 import grpc
 
 from otpgate.core.login import Level, LoginOutcome, Logins, Response, Session
 from otpgate.core.service import TwoFactorService, UserView
-from otpgate.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from otpgate.core.throttle import Spacing
+from otpgate.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    TooManyAttempts,
+    Unauthenticated,
+)
 from otpgate.server.messages import RESULT_TO_PB, user_to_pb
 from otpgate.server.relay import Caller, CallerRegistry
 from otpgate.server.rpc import rpc
@@ -28,6 +38,9 @@ _RESPONSE_TO_PB = {
 }
 _LEVEL_TO_PB = {Level.LEVEL_1: pb.LEVEL_1, Level.LEVEL_2: pb.LEVEL_2}
 _BEARER = "bearer "
+# Self-service renewals of one account: each is a durable write and a log line, so
+# no local user gets to make them as fast as the daemon answers.
+RENEW_SPACING_SECONDS = 5.0
 
 
 def _token(context: grpc.ServicerContext) -> str:
@@ -75,6 +88,7 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         self._service = service
         self._logins = logins
         self._callers = callers
+        self._renewals = Spacing(RENEW_SPACING_SECONDS, time.monotonic)
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
         caller = self._callers.from_peer(context.peer())
@@ -147,6 +161,12 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         self, request: pb.RenewSecretRequest, context: grpc.ServicerContext
     ) -> pb.UserEntry:
         username, checked, _ = self._own_view(context, request.username)
+        wait = self._renewals.take(username)
+        if wait:
+            raise TooManyAttempts(
+                f"{username} renewed a secret moments ago: try again in {math.ceil(wait)} s",
+                wait,
+            )
         options = request.twofactor_options
         try:
             # Replace only the secret this session was just allowed to replace: an
