@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import pwd
+import subprocess
 from collections.abc import Callable, Hashable
 
 import pytest
 
 from otpgate.core.accounts import (
-    Account,
     CachedAccountLookup,
+    account_details,
     check_username,
     lookup_account,
     passwd_file_stamp,
 )
+from otpgate.core.records import DIRECTORY_ID_OFFSET, Account
 from otpgate.errors import InvalidArgument
 from tests.conftest import LocalUser
 
@@ -129,3 +131,16 @@ def test_real_lookup_matches_nss() -> None:
 def test_bad_usernames_refused(name: str) -> None:
     with pytest.raises(InvalidArgument, match="username"):
         check_username(name)
+
+
+def test_details_are_resolved_once_into_a_plain_value(make_user: Callable[..., LocalUser]) -> None:
+    user = make_user()
+    account = lookup_account(user.name)
+    assert account is not None
+    details = account_details(account)
+    assert details.local and details.gid in details.groups and details.api_id == account.uid
+    # A value: what it shows stays, whatever NSS says later.
+    subprocess.run(["userdel", "--remove", user.name], check=True, capture_output=True)
+    assert details.local and details.api_id == account.uid
+    gone = account_details(account)
+    assert not gone.local and gone.api_id == account.uid + DIRECTORY_ID_OFFSET

@@ -18,7 +18,7 @@ from otpgate.core.login import (
     Logins,
     Response,
 )
-from otpgate.core.passwords import PasswordResult
+from otpgate.core.records import PasswordResult
 from otpgate.core.service import TwoFactorService
 from otpgate.core.throttle import FIRST_DELAY_SECONDS, failure_delay
 from otpgate.errors import PermissionDenied, TooManyAttempts
@@ -42,7 +42,7 @@ def env(tmp_path: Path) -> tuple[Logins, TwoFactorService, Clock, list[float]]:
         accounts.add(name, 1000 + i)
     service = TwoFactorService(
         SQLiteStore(str(tmp_path / "db")), Keyring(b"k" * 32), default_issuer="T",
-        accounts=accounts, clock=clock,
+        accounts=accounts, details=accounts.details, clock=clock,
     )  # fmt: skip
     sleeps: list[float] = []
     logins = Logins(service, check_password, clock=clock, sleep=sleeps.append, monotonic=clock)

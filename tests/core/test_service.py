@@ -11,8 +11,9 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from otpgate.core.accounts import Account
 from otpgate.core.crypto import Keyring
+from otpgate.core.gate import Gate, Verdict
+from otpgate.core.records import Account, AccountDetails, PasswordResult
 from otpgate.core.service import TwoFactorService, VerifyResult
 from otpgate.core.settings import EnrollmentPolicy
 from otpgate.errors import FailedPrecondition, InvalidArgument, KeyMismatch, NotFound
@@ -32,6 +33,7 @@ class Clock:
 class Accounts:
     def __init__(self) -> None:
         self.table: dict[str, Account] = {}
+        self.details_asked: list[str] = []
 
     def add(self, name: str, uid: int) -> Account:
         account = Account(name, uid, uid, name.title(), f"/home/{name}", "/bin/sh")
@@ -40,6 +42,10 @@ class Accounts:
 
     def __call__(self, username: str) -> Account | None:
         return self.table.get(username)
+
+    def details(self, account: Account) -> AccountDetails:
+        self.details_asked.append(account.username)
+        return AccountDetails(**vars(account), groups=(account.gid, 27), local=True)
 
 
 @pytest.fixture
@@ -54,6 +60,7 @@ def env(tmp_path: Path) -> tuple[TwoFactorService, Clock, Accounts, SQLiteStore]
         default_issuer="Test",
         hostname="h",
         accounts=accounts,
+        details=accounts.details,
         clock=clock,
     )
     return service, clock, accounts, store
@@ -322,3 +329,102 @@ def test_renew_secret_only_replaces_what_the_caller_checked(tmp_path: Path) -> N
     assert admins.record is not None
     mine = service.renew_secret("alice", expected=admins.record.sealed)
     assert service.get_user("alice").record == mine.record
+
+
+def test_a_right_code_on_the_attempt_that_locks_still_lets_in(env: tuple) -> None:
+    service, clock, _, store = env
+    service.update_config({"lockout_threshold": 3, "lockout_seconds": 60})
+    service.renew_secret("alice")
+    for wrong in ("000001", "000002"):
+        service.verify("alice", wrong, via="t")
+    # The third attempt locks as it is counted, then its code is checked: a right
+    # one clears the lock, as any accepted code does.
+    assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
+    record = store.get_secret("alice")
+    assert (record.failures, record.lockouts, record.locked_until) == (0, 0, 0)
+
+
+class LosesOneLock:
+    """A store whose first lock never lands, as if otpgated died between counting
+    the attempt that reached the threshold and writing its lock."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self.lost = 0
+
+    def lock(self, *args: object, **kwargs: object) -> bool:
+        if not self.lost:
+            self.lost += 1
+            return False
+        return self._store.lock(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_a_lock_lost_between_two_statements_is_written_by_the_next_attempt(
+    tmp_path: Path,
+) -> None:
+    clock, accounts = Clock(), Accounts()
+    accounts.add("alice", 1000)
+    store = LosesOneLock(SQLiteStore(str(tmp_path / "db")))
+    service = TwoFactorService(
+        store, Keyring(b"k" * 32), default_issuer="T", accounts=accounts,  # type: ignore[arg-type]
+        details=accounts.details, clock=clock,
+    )  # fmt: skip
+    service.update_config({"lockout_threshold": 3, "lockout_seconds": 60})
+    service.renew_secret("alice")
+    for wrong in ("000001", "000002", "000003"):
+        assert service.verify("alice", wrong, via="t").result is VerifyResult.INVALID
+    assert store.lost == 1 and service.get_user("alice").locked_seconds == 0  # the lost lock
+    # Past the threshold with no lock in force: refused unseen, and the lock is written.
+    refused = service.verify("alice", code_at(service, "alice", clock.now), via="t")
+    assert refused.result is VerifyResult.LOCKED and refused.locked_seconds == 61
+    assert service.get_user("alice").locked_seconds == 61
+    clock.now += 61
+    assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
+
+
+def test_audit_rows_carry_the_services_clock(env: tuple) -> None:
+    service, clock, _, store = env
+    service.update_config({"lockout_threshold": 1})
+    clock.now += 100
+    service.renew_secret("alice")
+    clock.now += 100
+    service.verify("alice", "000000" if code_at(service, "alice", clock.now) != "000000"
+                   else "111111", via="t")  # fmt: skip
+    clock.now += 100
+    service.unset_secret("alice")
+    rows = store._query("SELECT at, event FROM audit_events ORDER BY id")
+    start = int(T0)
+    assert rows == [
+        (start, "settings_updated"),
+        (start + 100, "secret_renewed"),
+        (start + 200, "locked"),
+        (start + 300, "secret_unset"),
+    ]
+
+
+def test_deciding_and_verifying_resolve_no_display_facts(env: tuple) -> None:
+    service, clock, accounts, _ = env
+    service.renew_secret("alice")
+    service.renew_secret("bob")
+    accounts.details_asked.clear()
+    assert service.verify("alice", code_at(service, "alice", clock.now), via="t").valid
+    service.verify("bob", "000000", via="t")
+    state = service.enrollment("alice")
+    assert state.account == accounts.table["alice"] and state.record is not None
+    gate = Gate(service, lambda username, password: PasswordResult.BAD)
+    service.update_config({"enabled": True, "services_ssh": True})
+    assert gate.check("alice", "sshd").verdict is Verdict.OTP_REQUIRED
+    assert accounts.details_asked == []
+    # Shown: resolved once per account, into the value the view carries.
+    view = service.get_user("alice")
+    assert (view.account.groups, view.account.local, view.account.api_id) == (
+        (1000, 27),
+        True,
+        1000,
+    )
+    assert accounts.details_asked == ["alice"]
+    assert [v.account.username for v in service.list_users()] == ["alice", "bob"]
+    assert accounts.details_asked == ["alice", "alice", "bob"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from otpgate.core.crypto import Sealed
+from otpgate.core.records import SecretRecord
 from otpgate.errors import StoreError
-from otpgate.store.base import SecretRecord
 from otpgate.store.sqlite import SQLiteStore
 
 
@@ -76,7 +76,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from otpgate.core.crypto import Sealed
-    from otpgate.store.base import SecretRecord
+    from otpgate.core.records import SecretRecord
     from otpgate.store.sqlite import SQLiteStore
     store = SQLiteStore(sys.argv[1])
     store.put_secret(SecretRecord("steps", 1, Sealed("k", b"n" * 12, b"c" * 48), 6, 30, 0))
@@ -116,8 +116,9 @@ def test_changes_leave_audit_events(tmp_path: Path) -> None:
     store = SQLiteStore(str(tmp_path / "db"))
     store.put_secret(_record("alice", 1000))
     for _ in range(2):
-        store.reserve_attempt("alice", 1000, now=100, threshold=2, lockout_seconds=60)
-    store.delete_secret("alice")
+        store.count_attempt("alice", 1000, now=100)
+    assert store.lock("alice", 1000, count=2, lockouts=0, until=161, now=100)
+    store.delete_secret("alice", now=200)
     events = [row[0] for row in store._query("SELECT event FROM audit_events ORDER BY id")]
     assert events == ["secret_renewed", "locked", "secret_unset"]
 

@@ -1,4 +1,5 @@
-"""Account facts from NSS (local files or a directory service)."""
+"""Account facts from NSS (local files or a directory service): the adapters of
+core.ports.AccountLookup and AccountDetailsLookup, and the check of a name."""
 
 from __future__ import annotations
 
@@ -9,45 +10,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Protocol
 
+from otpgate.core.ports import AccountLookup
+from otpgate.core.records import Account, AccountDetails
 from otpgate.errors import InvalidArgument
 
 # POSIX portable names plus what directory services use (user@realm, DOMAIN\user).
 _USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\\-]{0,255}\$?")
-DIRECTORY_ID_OFFSET = 100_000_000  # as TrueNAS: id of a directory account = uid + this
 _LOCAL_PASSWD = "/etc/passwd"
-
-
-@dataclasses.dataclass(frozen=True)
-class Account:
-    username: str
-    uid: int
-    gid: int
-    full_name: str
-    home: str
-    shell: str
-
-    # Looked up only when shown: verification needs the uid alone, and these cost
-    # more than the whole TOTP check.
-    @property
-    def groups(self) -> tuple[int, ...]:
-        try:
-            return tuple(sorted(set(os.getgrouplist(self.username, self.gid))))
-        except OSError:
-            return (self.gid,)
-
-    @property
-    def local(self) -> bool:
-        return _is_local(self.username)
-
-    @property
-    def api_id(self) -> int:
-        return self.uid if self.local else self.uid + DIRECTORY_ID_OFFSET
-
-
-class AccountLookup(Protocol):
-    def __call__(self, username: str) -> Account | None: ...
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Account))
 
 
 def check_username(username: str, field: str = "username") -> str:
@@ -73,6 +44,20 @@ def lookup_account(username: str) -> Account | None:
         full_name=entry.pw_gecos.split(",", 1)[0],
         home=entry.pw_dir,
         shell=entry.pw_shell,
+    )
+
+
+def account_details(account: Account) -> AccountDetails:
+    """The account's groups and whether /etc/passwd has it: one read of the file
+    and one group list per account, only where an account is shown."""
+    try:
+        groups = tuple(sorted(set(os.getgrouplist(account.username, account.gid))))
+    except OSError:
+        groups = (account.gid,)
+    return AccountDetails(
+        **{field: getattr(account, field) for field in _ENTRY_FIELDS},
+        groups=groups,
+        local=_is_local(account.username),
     )
 
 

@@ -11,7 +11,8 @@ import enum
 import hmac
 
 from otpgate.core import totp
-from otpgate.core.passwords import PasswordChecker, PasswordResult
+from otpgate.core.ports import PasswordChecker
+from otpgate.core.records import PasswordResult
 from otpgate.core.service import TwoFactorService, VerifyResult
 from otpgate.core.settings import EnrollmentPolicy, Settings
 from otpgate.errors import InvalidArgument, NotFound
@@ -69,15 +70,15 @@ class Gate:
         if not covers(settings, pam_service):
             return Decision(Verdict.NOT_REQUIRED)
         try:
-            view = self._service.get_user(username)
+            state = self._service.enrollment(username)
         except (NotFound, InvalidArgument):
             return Decision(Verdict.OTP_REQUIRED, CODE_PROMPT)
-        if view.record is None:
+        if state.record is None:
             if settings.enrollment_policy is EnrollmentPolicy.OPTIONAL:
                 return Decision(Verdict.NOT_REQUIRED)
             return Decision(Verdict.NOT_ENROLLED, ENROLL_HINT)
-        if view.locked_seconds:
-            return _locked(view.locked_seconds)
+        if state.locked_seconds:
+            return _locked(state.locked_seconds)
         return Decision(Verdict.OTP_REQUIRED, CODE_PROMPT)
 
     def verify(self, username: str, pam_service: str, token: str) -> Decision:
@@ -113,8 +114,7 @@ class Gate:
         """
         settings = self._service.get_config()
         try:
-            view = self._service.get_user(username)
-            record = view.record
+            record = self._service.enrollment(username).record
         except (NotFound, InvalidArgument):
             record = None
         needs_code = covers(settings, pam_service) and record is not None

@@ -24,11 +24,11 @@ from collections.abc import Callable
 
 from otpgate.core.accounts import check_username
 from otpgate.core.crypto import Sealed
-from otpgate.core.passwords import PasswordChecker, PasswordResult
+from otpgate.core.ports import PasswordChecker
+from otpgate.core.records import PasswordResult, SecretRecord
 from otpgate.core.service import Clock, TwoFactorService, UserView, VerifyResult
 from otpgate.core.throttle import LineBudget, PasswordThrottle
 from otpgate.errors import InvalidArgument, NotFound, PermissionDenied, TooManyAttempts
-from otpgate.store.base import SecretRecord
 
 log = logging.getLogger("otpgated")
 

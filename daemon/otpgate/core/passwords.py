@@ -12,10 +12,9 @@ saw pam_exec's child fail at random).
 
 from __future__ import annotations
 
-import enum
-from typing import Protocol
-
 import pam
+
+from otpgate.core.records import PasswordResult
 
 # Linux-PAM return codes that mean "right password, but it or the account expired".
 _PAM_NEW_AUTHTOK_REQD = 12
@@ -24,17 +23,9 @@ _PAM_AUTHTOK_EXPIRED = 27
 _MAX_PASSWORD_BYTES = 4096
 
 
-class PasswordResult(enum.Enum):
-    OK = "ok"
-    BAD = "bad"  # wrong password, unknown or locked account: never told apart
-    EXPIRED = "expired"
-
-
-class PasswordChecker(Protocol):
-    def __call__(self, username: str, password: str) -> PasswordResult: ...
-
-
 class PamPasswordChecker:
+    """core.ports.PasswordChecker through PAM."""
+
     def __init__(self, pam_service: str) -> None:
         self.pam_service = pam_service
 

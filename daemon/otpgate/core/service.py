@@ -1,7 +1,8 @@
 """The two-factor service: settings, secrets and verification, independent of gRPC.
 
 Servicers translate messages to these calls and errors to status codes; all
-policy lives here, with the clock and account lookup injected for tests.
+policy lives here (the lockout's in core.lockout), with the store, the clock and
+the account lookups injected (core.ports) for tests and other backends.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from otpgate.core import totp
-from otpgate.core.accounts import Account, AccountLookup, check_username, lookup_account
+from otpgate.core import lockout, totp
+from otpgate.core.accounts import account_details, check_username, lookup_account
 from otpgate.core.crypto import Keyring, account_binding
+from otpgate.core.ports import AccountDetailsLookup, AccountLookup, Store
+from otpgate.core.records import ANY_SECRET, Account, AccountDetails, SecretRecord
 from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS, Settings, check_int
 from otpgate.errors import FailedPrecondition, InvalidArgument, KeyMismatch, NotFound
-from otpgate.store.base import ANY_SECRET, SecretRecord, Store
 
 log = logging.getLogger("otpgated")
 
@@ -47,8 +49,19 @@ class Verification:
 
 
 @dataclasses.dataclass(frozen=True)
-class UserView:
+class Enrollment:
+    """What a decision needs to know of an account (Gate.check): no display facts."""
+
     account: Account
+    record: SecretRecord | None  # None: not enrolled (or the secret was another uid's)
+    locked_seconds: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class UserView:
+    """An account as shown (GetUser, ListUsers, LoginEx's user info)."""
+
+    account: AccountDetails
     record: SecretRecord | None  # None: not enrolled (or the secret was another uid's)
     locked_seconds: int = 0
     provisioning_uri: str | None = None
@@ -64,6 +77,7 @@ class TwoFactorService:
         hostname: str | None = None,
         accounts: AccountLookup = lookup_account,
         accounts_for_enrollment: AccountLookup | None = None,
+        details: AccountDetailsLookup = account_details,
         clock: Clock = time.time,
     ) -> None:
         self._store = store
@@ -74,6 +88,7 @@ class TwoFactorService:
         # The uid a new secret is bound to comes from NSS itself, never from a cache
         # (`accounts` may be one) that could still hold a recreated account's old uid.
         self._accounts_for_enrollment = accounts_for_enrollment or accounts
+        self._details = details
         self._clock = clock
         self.check_key()
 
@@ -111,7 +126,9 @@ class TwoFactorService:
         updated = current.with_changes(changes)
         if updated != current:
             changed = sorted(k for k in changes if getattr(current, k) != getattr(updated, k))
-            self._store.save_settings(updated, audit="changed " + ",".join(changed))
+            self._store.save_settings(
+                updated, audit="changed " + ",".join(changed), now=int(self._clock())
+            )
             log.info("settings_updated fields=%s", ",".join(changed))
         return updated
 
@@ -183,7 +200,9 @@ class TwoFactorService:
         if not self._store.put_secret(record, expected=expected):
             raise FailedPrecondition(f"the 2FA secret of {account.username} changed meanwhile")
         log.info("secret_renewed user=%s digits=%d interval=%d", account.username, digits, seconds)
-        return UserView(account, record, provisioning_uri=self._uri(account, record, settings))
+        return UserView(
+            self._details(account), record, provisioning_uri=self._uri(account, record, settings)
+        )
 
     def provisioning_uri(self, username: str) -> str:
         account = self._account(username)
@@ -196,15 +215,22 @@ class TwoFactorService:
         """Remove a secret; also the secret of an account NSS no longer knows, so an
         admin can clean up before the name (or its uid) is given to someone else."""
         try:
-            account = self._account(username)
+            account = self._details(self._account(username))
         except NotFound:
             record = self._store.get_secret(username)
             if record is None:
                 raise
-            account = Account(record.username, record.uid, 0, "", "", "")  # facts gone with it
-        if self._store.delete_secret(account.username):
+            # The facts went with the account: only what the row remembers is left.
+            account = AccountDetails(record.username, record.uid, 0, "", "", "", (), False)
+        if self._store.delete_secret(account.username, now=int(self._clock())):
             log.info("secret_unset user=%s", account.username)
         return UserView(account, None)
+
+    def enrollment(self, username: str) -> Enrollment:
+        """The account, its secret and its lock: get_user without what is only shown."""
+        account = self._account(username)
+        record = self._record_for(account)
+        return Enrollment(account, record, self._locked_seconds(record))
 
     def get_user(self, username: str) -> UserView:
         account = self._account(username)
@@ -219,10 +245,10 @@ class TwoFactorService:
         return views
 
     def _view(self, account: Account, record: SecretRecord | None) -> UserView:
-        locked = 0
-        if record is not None:
-            locked = max(0, record.locked_until - int(self._clock()))
-        return UserView(account, record, locked_seconds=locked)
+        return UserView(self._details(account), record, locked_seconds=self._locked_seconds(record))
+
+    def _locked_seconds(self, record: SecretRecord | None) -> int:
+        return 0 if record is None else lockout.remaining(record, int(self._clock()))
 
     # -- verification ---------------------------------------------------------------
 
@@ -257,17 +283,28 @@ class TwoFactorService:
         settings = self._store.load_settings()
         now = self._clock()
         # Counting the attempt also fetches the secret: one statement on the login path.
-        record = self._store.reserve_attempt(
-            account.username,
-            account.uid,
+        record = self._store.count_attempt(account.username, account.uid, now=int(now))
+        if record is None:
+            return Verification(VerifyResult.NOT_ENROLLED)
+        judgement = lockout.judge(
+            record,
             now=int(now),
             threshold=settings.lockout_threshold,
-            lockout_seconds=settings.lockout_seconds,
+            base_seconds=settings.lockout_seconds,
         )
-        if record is None:
-            if self._record_for(account) is None:
-                return Verification(VerifyResult.NOT_ENROLLED)
-            return self._locked(account)
+        if judgement.lock_until is not None:
+            # False when another attempt locked this run first (or a code was accepted
+            # meanwhile): either way nothing is left to do; see core.lockout.
+            self._store.lock(
+                account.username,
+                account.uid,
+                count=record.failures,
+                lockouts=record.lockouts,
+                until=judgement.lock_until,
+                now=int(now),
+            )
+        if not judgement.check_code:
+            return Verification(VerifyResult.LOCKED, locked_seconds=judgement.locked_seconds)
         if token is None:
             return Verification(VerifyResult.INVALID)  # counted above, like a wrong code
         step = totp.matching_step(
@@ -283,8 +320,3 @@ class TwoFactorService:
         if not self._store.accept_step(account.username, account.uid, step):
             return Verification(VerifyResult.REPLAYED)
         return Verification(VerifyResult.VALID)
-
-    def _locked(self, account: Account) -> Verification:
-        record = self._store.get_secret(account.username)
-        remaining = 0 if record is None else max(1, record.locked_until - int(self._clock()))
-        return Verification(VerifyResult.LOCKED, locked_seconds=remaining)

@@ -24,6 +24,7 @@ DIGITS_BOUNDS = (6, 8)
 # 120: pyotp refuses longer steps (NIST SP 800-63B: a new code at least every two minutes).
 INTERVAL_BOUNDS = (5, 120)
 LOCKOUT_THRESHOLD_BOUNDS = (1, 100)
+# A day: also where the doubling of lockouts in a row stops (core.lockout).
 LOCKOUT_SECONDS_BOUNDS = (1, 86400)
 ISSUER_MAX_LEN = 64
 

@@ -7,9 +7,9 @@ import os
 
 from otpgate.core.crypto import Keyring, create_key_file, key_id_of, load_key_file
 from otpgate.core.paths import check_dir_chain, prepare_dir
+from otpgate.core.ports import Store
 from otpgate.errors import ConfigError
 from otpgate.server.config import DaemonConfig
-from otpgate.store.base import Store
 
 log = logging.getLogger("otpgated")
 

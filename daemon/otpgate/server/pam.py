@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from otpgate.core.gate import Decision, Gate, Verdict
-from otpgate.core.passwords import PasswordChecker
+from otpgate.core.ports import PasswordChecker
 from otpgate.core.service import TwoFactorService
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb

@@ -1,0 +1,1 @@
+"""Adapters of core.ports.Store: SQLite (embedded) today, PostgreSQL next."""

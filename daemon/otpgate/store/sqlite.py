@@ -16,16 +16,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from otpgate.core.crypto import Sealed
+from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
 from otpgate.errors import InvalidArgument, StoreError
-from otpgate.store.base import ANY_SECRET, SecretRecord
 
 log = logging.getLogger("otpgated")
 
 SCHEMA_VERSION = 1
 _CHECKPOINT_INTERVAL = 1.0  # seconds
 _FALLBACK_CHECKPOINT_PAGES = 10_000  # about 40 MB of log
-MAX_LOCKOUT_SECONDS = 86400
 
 # Version 1. Room left for what comes next: `status` for unconfirmed (pending)
 # secrets, a recovery_codes table, audit events, key ids for rotation.
@@ -75,7 +74,8 @@ _SECRET_COLUMNS = (
 
 
 class SQLiteStore:
-    """Thread-safe: one connection, one lock (lookups take microseconds)."""
+    """core.ports.Store in one SQLite file. Thread-safe: one connection, one lock
+    (lookups take microseconds)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -103,18 +103,17 @@ class SQLiteStore:
             raise StoreError(f"cannot open database {path}: {exc}") from None
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction under the lock.
 
-        Secrets and settings wait for the disk (synchronous=FULL). Attempt counters
-        and spent steps (see _statement) use synchronous=NORMAL, which in WAL mode
-        survives a crash or kill of the process but may lose the last commits on
-        power loss; it saves an fsync on every login.
+        Secrets and settings wait for the disk (synchronous=FULL). Attempt counters,
+        locks and spent steps (durable=False, and see _statement) use
+        synchronous=NORMAL, which in WAL mode survives a crash or kill of the
+        process but may lose the last commits on power loss; it saves an fsync on
+        every login.
         """
         with self._lock:
-            if not self._durable:
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._durable = True
+            self._set_durable(durable)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -128,10 +127,13 @@ class SQLiteStore:
         """Single-statement writes on the login path: atomic on their own (autocommit),
         so no BEGIN/COMMIT round trips; synchronous=NORMAL as for durable=False."""
         with self._lock:
-            if self._durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._durable = False
+            self._set_durable(False)
             yield self._db
+
+    def _set_durable(self, durable: bool) -> None:
+        if durable != self._durable:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -176,12 +178,12 @@ class SQLiteStore:
         self._settings = settings
         return settings
 
-    def save_settings(self, settings: Settings, *, audit: str) -> None:
+    def save_settings(self, settings: Settings, *, audit: str, now: int) -> None:
         with self._transaction() as db:
             db.execute(
                 "UPDATE settings SET value = ? WHERE id = 1", (json.dumps(settings.to_dict()),)
             )
-            self._audit(db, "settings_updated", "", audit)
+            self._audit(db, now, "settings_updated", "", audit)
             self._settings = None  # under the lock: the next read fetches the committed row
 
     # -- key check: proves at start that the loaded key is the database's -------------
@@ -242,7 +244,9 @@ class SQLiteStore:
                     record.locked_until,
                 ),
             )
-            self._audit(db, "secret_renewed", record.username, f"uid={record.uid}")
+            self._audit(
+                db, record.created_at, "secret_renewed", record.username, f"uid={record.uid}"
+            )
         return True
 
     def get_secret(self, username: str) -> SecretRecord | None:
@@ -258,53 +262,43 @@ class SQLiteStore:
         )
         return [_record(row) for row in rows]
 
-    def delete_secret(self, username: str) -> bool:
+    def delete_secret(self, username: str, *, now: int) -> bool:
         with self._transaction() as db:
             deleted = db.execute("DELETE FROM secrets WHERE username = ?", (username,)).rowcount
             if deleted:
-                self._audit(db, "secret_unset", username, "")
+                self._audit(db, now, "secret_unset", username, "")
             return bool(deleted)
 
-    def reserve_attempt(
-        self, username: str, uid: int, *, now: int, threshold: int, lockout_seconds: int
-    ) -> SecretRecord | None:
-        """Count one attempt before its code is checked; the secret, or None while
-        locked (or when the account, with this uid, has none).
-
-        Times are whole seconds, so a lock ends one second late rather than up to
-        one second early. Counting first keeps the limit exact under concurrent
-        guesses. The attempt
-        that reaches the threshold locks the account (each lockout in a row doubles
-        the next, up to a day); an accepted code clears everything (accept_step).
-        """
+    def count_attempt(self, username: str, uid: int, *, now: int) -> SecretRecord | None:
+        # The row is written even while locked (counting nothing), so that one
+        # statement answers every case: a second read could see another state.
         with self._statement() as db:
-            reached = "failures + 1 >= :threshold"
             cursor = db.execute(
-                f"""UPDATE secrets SET
-                    failures = CASE WHEN {reached} THEN 0 ELSE failures + 1 END,
-                    lockouts = CASE WHEN {reached} THEN lockouts + 1 ELSE lockouts END,
-                    locked_until = CASE WHEN {reached}
-                        THEN :now + 1 + MIN(:base * (1 << MIN(lockouts, 16)), :max)
-                        ELSE locked_until END
-                WHERE username = :user AND uid = :uid AND status = 'active'
-                    AND locked_until <= :now
-                RETURNING {_SECRET_COLUMNS}, failures = 0 AND locked_until > :now""",
-                {
-                    "threshold": threshold,
-                    "now": now,
-                    "base": lockout_seconds,
-                    "max": max(lockout_seconds, MAX_LOCKOUT_SECONDS),
-                    "user": username,
-                    "uid": uid,
-                },
+                f"""UPDATE secrets SET failures = CASE WHEN locked_until <= :now
+                        THEN failures + 1 ELSE failures END
+                    WHERE username = :user AND uid = :uid AND status = 'active'
+                    RETURNING {_SECRET_COLUMNS}""",
+                {"now": now, "user": username, "uid": uid},
             )
             row = cursor.fetchone()
-            cursor.close()
-            if row is None:
-                return None
-            if row[-1]:
-                self._audit(db, "locked", username, f"threshold={threshold}")
-            return _record(row[:-1])
+            cursor.close()  # ends the statement, and with it the implicit transaction
+            return None if row is None else _record(row)
+
+    def lock(
+        self, username: str, uid: int, *, count: int, lockouts: int, until: int, now: int
+    ) -> bool:
+        # A transaction only so that the audit row goes with the lock; the lock
+        # itself is the one conditional UPDATE.
+        with self._transaction(durable=False) as db:
+            locked = db.execute(
+                """UPDATE secrets SET failures = 0, lockouts = lockouts + 1, locked_until = ?
+                   WHERE username = ? AND uid = ? AND status = 'active'
+                       AND failures >= ? AND lockouts = ?""",
+                (until, username, uid, count, lockouts),
+            ).rowcount
+            if locked:
+                self._audit(db, now, "locked", username, f"failures={count} until={until}")
+            return bool(locked)
 
     def accept_step(self, username: str, uid: int, step: int) -> bool:
         """Spend `step` and every earlier one; False if it (or a later one) was spent."""
@@ -319,11 +313,11 @@ class SQLiteStore:
     # -- audit ----------------------------------------------------------------------
 
     @staticmethod
-    def _audit(db: sqlite3.Connection, event: str, username: str, detail: str) -> None:
+    def _audit(db: sqlite3.Connection, at: int, event: str, username: str, detail: str) -> None:
+        # `at` from the service's clock, not SQLite's: one clock for locks and audit.
         db.execute(
-            "INSERT INTO audit_events (at, event, username, detail) "
-            "VALUES (CAST(unixepoch() AS INTEGER), ?, ?, ?)",
-            (event, username, detail),
+            "INSERT INTO audit_events (at, event, username, detail) VALUES (?, ?, ?, ?)",
+            (at, event, username, detail),
         )
 
     def healthy(self) -> bool:

@@ -1,0 +1,115 @@
+"""What core needs from the outside world; adapters implement it, core imports none.
+
+The store (otpgate.store: SQLite, later PostgreSQL), the account lookup and the
+password checker (NSS and PAM, in core.accounts and core.passwords) are given to
+the service and the login logic as these protocols, so tests pass fakes and a
+new backend changes no decision. tests/store/test_contract.py is the store's
+contract in executable form: a backend is done when it passes it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from otpgate.core.crypto import Sealed
+from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
+from otpgate.core.settings import Settings
+
+
+class AccountLookup(Protocol):
+    """The account NSS knows by this name, or None. Asked at every verification,
+    so it must be cheap: the passwd entry only."""
+
+    def __call__(self, username: str) -> Account | None: ...
+
+
+class AccountDetailsLookup(Protocol):
+    """The facts shown of an account beyond its passwd entry (groups, local or
+    not), resolved in one go; asked only where an account is displayed."""
+
+    def __call__(self, account: Account) -> AccountDetails: ...
+
+
+class PasswordChecker(Protocol):
+    def __call__(self, username: str, password: str) -> PasswordResult: ...
+
+
+class Store(Protocol):
+    """Stores and counts, atomically; decides nothing (core.lockout does).
+
+    Thread-safe: one store serves every server thread, and several stores (of
+    several daemons) may share one database. Every write is atomic: a crash
+    leaves the old state or the new one. Times are whole seconds since the
+    epoch from the caller's clock (`now`), never the database's, so audit rows
+    and locks follow the clock the service was given.
+
+    A secret belongs to an account by name and uid: the methods that take both
+    act only on a row of that uid (an older account's row under the same name
+    is not this account's secret).
+    """
+
+    def load_settings(self) -> Settings: ...
+
+    def save_settings(self, settings: Settings, *, audit: str, now: int) -> None:
+        """Replace the settings; audited (`audit` says what changed) at `now`."""
+        ...
+
+    def key_check(self) -> Sealed | None: ...
+
+    def set_key_check(self, sealed: Sealed) -> None: ...
+
+    def key_ids_in_use(self) -> set[str]: ...
+
+    def put_secret(self, record: SecretRecord, *, expected: object = ...) -> bool:
+        """Store `record`, replacing the account's secret, in one transaction;
+        audited at `record.created_at`.
+
+        With `expected` (ANY_SECRET by default: replace whatever is there) it is a
+        compare-and-set: None means "only if this uid has no secret", a Sealed
+        "only if that is still the secret"; False when the account had changed.
+        """
+        ...
+
+    def get_secret(self, username: str) -> SecretRecord | None: ...
+
+    def list_secrets(self) -> list[SecretRecord]:
+        """Every secret, by username."""
+        ...
+
+    def delete_secret(self, username: str, *, now: int) -> bool:
+        """Remove the name's secret, whatever its uid; audited at `now`. False if
+        there was none."""
+        ...
+
+    def count_attempt(self, username: str, uid: int, *, now: int) -> SecretRecord | None:
+        """Count one attempt, in one atomic statement, and return the record as
+        that statement left it; None when the account (with this uid) has no secret.
+
+        While a lock is in force (`locked_until > now`) nothing is counted and the
+        record comes back as it is; otherwise `failures` goes up by one and the
+        returned `failures` is this attempt's own count: concurrent attempts, from
+        any thread or daemon, each get a different one.
+        """
+        ...
+
+    def lock(
+        self, username: str, uid: int, *, count: int, lockouts: int, until: int, now: int
+    ) -> bool:
+        """Lock the account until `until`: `failures` to 0, `lockouts` up by one, in
+        one atomic conditional statement; audited at `now`.
+
+        Only if the counter still stands at `count` or more and `lockouts` is
+        still what the caller read with it (counts only grow until a reset, and
+        every reset, be it a lock, an accepted code or a new secret, sets the
+        counter back to 0): False when that no longer holds, so of the callers
+        that read the same record at most one locks.
+        """
+        ...
+
+    def accept_step(self, username: str, uid: int, step: int) -> bool:
+        """Spend time step `step` and every earlier one, and clear `failures`,
+        `lockouts` and the lock, in one atomic statement, if `step` is newer than
+        the last one spent; False if it (or a later one) was spent already."""
+        ...
+
+    def close(self) -> None: ...
