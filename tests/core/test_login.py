@@ -45,7 +45,11 @@ def env(tmp_path: Path) -> tuple[Logins, TwoFactorService, Clock, list[float]]:
         accounts=accounts, details=accounts.details, clock=clock,
     )  # fmt: skip
     sleeps: list[float] = []
-    logins = Logins(service, check_password, clock=clock, sleep=sleeps.append, monotonic=clock)
+    names = {1000 + i: name for i, name in enumerate(PASSWORDS)}
+    logins = Logins(
+        service, check_password, clock=clock, sleep=sleeps.append, monotonic=clock,
+        name_of_uid=names.get,
+    )  # fmt: skip
     return logins, service, clock, sleeps
 
 

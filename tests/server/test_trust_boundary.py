@@ -375,6 +375,39 @@ def test_self_service_renewals_are_spaced(login_daemon: Daemon, user: LocalUser)
     assert "renewed a secret moments ago" in refused.value.details()
 
 
+def test_bogus_login_continues_do_not_flood_the_log(
+    public_login_daemon: Daemon, user: LocalUser, cli_python: tuple[str, dict[str, str]]
+) -> None:
+    out = attack(
+        cli_python,
+        user,
+        public_login_daemon,
+        """
+        s = stub()
+        answers = {}
+        for i in range(300):
+            reply = s.LoginExContinue(pb.LoginExContinueRequest(mechanism=pb.OTP_TOKEN,
+                attempt_token=f"made-up-{i}", otp_token="123456"), timeout=5)
+            name = pb.ResponseType.Name(reply.response_type)
+            answers[name] = answers.get(name, 0) + 1
+        print(json.dumps(answers))
+        """,
+    )
+    assert out == {"AUTH_ERR": 300}
+    assert public_login_daemon.log().count("reason=no_pending_attempt") <= 12
+
+
+def test_self_service_code_checks_are_spaced(login_daemon: Daemon, user: LocalUser) -> None:
+    session = login(login_daemon, user.name, user.password)  # not enrolled: LEVEL_1
+    meta = [("authorization", f"Bearer {session.session_token}")]
+    stub = login_daemon.user()
+    first = stub.VerifyToken(pb.VerifyTokenRequest(token="123456"), timeout=5, metadata=meta)
+    assert first.result == pb.VERIFY_RESULT_NOT_ENROLLED
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.VerifyToken(pb.VerifyTokenRequest(token="123456"), timeout=5, metadata=meta)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 # -- finding 4: malformed requests ----------------------------------------------------------
 
 

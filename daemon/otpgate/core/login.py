@@ -17,6 +17,7 @@ import enum
 import hashlib
 import logging
 import math
+import pwd
 import secrets
 import threading
 import time
@@ -90,6 +91,21 @@ class LoginOutcome:
     level: Level | None = None
 
 
+def _plausible_name(username: str) -> bool:
+    try:
+        check_username(username)
+        return True
+    except InvalidArgument:
+        return False
+
+
+def _name_of_uid(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
 def _make_room(table: dict[bytes, _Attempt] | dict[bytes, Session], uid: int) -> None:
     # Dicts keep insertion order: the first of this uid's entries is its oldest.
     mine = [key for key, entry in table.items() if entry.uid == uid]
@@ -110,8 +126,10 @@ class Logins:
         clock: Clock = time.time,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        name_of_uid: Callable[[int], str | None] = _name_of_uid,
     ) -> None:
         self._service = service
+        self._name_of_uid = name_of_uid
         self._passwords = passwords
         self._clock = clock
         self._sleep = sleep
@@ -123,6 +141,7 @@ class Logins:
         self._throttle = PasswordThrottle(monotonic)
         self._throttled_lines = LineBudget(1.0, monotonic, burst=5)
         self._refused_lines = LineBudget(1.0, monotonic, burst=5)
+        self._no_attempt_lines = LineBudget(1.0, monotonic, burst=5)
 
     # -- LoginEx --------------------------------------------------------------------
 
@@ -204,17 +223,26 @@ class Logins:
         return self._success(view, Level.LEVEL_1)
 
     def _own_account_only(self, username: str, caller_uid: int, who: str) -> None:
-        account = self._service.lookup(username)
-        if account is None or account.uid != caller_uid:
-            allowed, suppressed = self._refused_lines.allow()
-            if allowed:
-                more = f" (and {suppressed} more not logged)" if suppressed else ""
-                shown = username if account is not None else "<unknown>"
-                log.warning("login_refused user=%s %sreason=not_own_account%s", shown, who, more)
-            raise PermissionDenied(
-                f"uid {caller_uid} may log in as itself only (as unix_chkpwd); "
-                "root may log in as anyone"
+        # As unix_chkpwd: the caller's own name, from its uid. Looking up whatever
+        # name a caller sends would let anyone churn the account cache pam.sock
+        # relies on, or send a directory service a query per made-up name.
+        if self._name_of_uid(caller_uid) == username:
+            account = self._service.lookup(username)
+            if account is not None and account.uid == caller_uid:
+                return
+        allowed, suppressed = self._refused_lines.allow()
+        if allowed:
+            more = f" (and {suppressed} more not logged)" if suppressed else ""
+            log.warning(
+                "login_refused user=%s %sreason=not_own_account%s",
+                username if _plausible_name(username) else "<invalid>",
+                who,
+                more,
             )
+        raise PermissionDenied(
+            f"uid {caller_uid} may log in as itself only (as unix_chkpwd); "
+            "root may log in as anyone"
+        )
 
     def _failed(self, started: float) -> LoginOutcome:
         # The worker thread waits for tens of milliseconds at most: the PAM service
@@ -240,7 +268,10 @@ class Logins:
                 del self._attempts[key]
                 attempt = None
             if attempt is None:
-                log.info("login_continue result=auth_err reason=no_pending_attempt")
+                allowed, suppressed = self._no_attempt_lines.allow()
+                if allowed:
+                    more = f" (and {suppressed} more not logged)" if suppressed else ""
+                    log.info("login_continue result=auth_err reason=no_pending_attempt%s", more)
                 return LoginOutcome(Response.AUTH_ERR)
             attempt.retries_left -= 1
             last_try = attempt.retries_left <= 0

@@ -16,7 +16,7 @@ Clock = Callable[[], float]
 # su (pam_unix's ~2 s failure delay plus the check and su's own start) allows about
 # one guess every 3 s, so the first failure waits that long and each further one in a
 # row twice as long as the one before: 3 checks in the first 10 s, as su, and ever
-# fewer after (7 in 3 minutes), however many connections ask at once.
+# fewer after (6 in 3 minutes), however many connections ask at once.
 FIRST_DELAY_SECONDS = 3.0
 DOUBLING_AFTER = 1
 MAX_DELAY_SECONDS = 300.0

@@ -253,7 +253,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
         )
         sdnotify.notify("READY=1")
         interval = sdnotify.watchdog_interval()
-        healthy = lambda: store.healthy() and relay.alive()  # noqa: E731
+        healthy = lambda: store.healthy() and relay.alive() and user.alive()  # noqa: E731
         watchdog = sdnotify.Watchdog(interval, healthy) if interval else None
         if watchdog:
             watchdog.start()

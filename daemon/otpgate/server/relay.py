@@ -243,9 +243,12 @@ class UserSocketRelay:
                 return
             except OSError as exc:
                 # Out of descriptors (EMFILE/ENFILE): what the budgets exist to prevent.
+                # The connection stays queued, so the listener stays readable: rest a
+                # moment rather than spin on it.
                 self._refused(
                     None, f"accept_failed errno={errno.errorcode.get(exc.errno or 0, '?')}"
                 )
+                time.sleep(0.1)
                 return
             self._admit(client)
 
@@ -266,21 +269,24 @@ class UserSocketRelay:
             return
         self._counter += 1
         name = f"{NAME_PREFIX}{os.getpid()}/{self._counter}/{secrets.token_hex(6)}"
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream: socket.socket | None = None
         try:
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             upstream.bind("\0" + name)
             upstream.setblocking(False)
             self.registry.add(name, caller)
             upstream.connect(self.upstream_path)
         except OSError as exc:
             self.registry.remove(name)
-            upstream.close()
+            if upstream is not None:
+                upstream.close()
             client.close()
             self._refused(
                 caller, f"upstream_failed errno={errno.errorcode.get(exc.errno or 0, '?')}"
             )
             return
         client.setblocking(False)
+        assert upstream is not None
         link = _Link(client, upstream, name, caller)
         link.last_active = self._clock()
         self._links[client] = self._links[upstream] = link

@@ -41,6 +41,9 @@ _BEARER = "bearer "
 # Self-service renewals of one account: each is a durable write and a log line, so
 # no local user gets to make them as fast as the daemon answers.
 RENEW_SPACING_SECONDS = 5.0
+# VerifyToken counts an attempt (a database write) and writes a log line: one
+# check of one's authenticator a second is plenty.
+VERIFY_SPACING_SECONDS = 1.0
 
 
 def _token(context: grpc.ServicerContext) -> str:
@@ -89,6 +92,7 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         self._logins = logins
         self._callers = callers
         self._renewals = Spacing(RENEW_SPACING_SECONDS, time.monotonic)
+        self._verifications = Spacing(VERIFY_SPACING_SECONDS, time.monotonic)
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
         caller = self._callers.from_peer(context.peer())
@@ -199,6 +203,11 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         self, request: pb.VerifyTokenRequest, context: grpc.ServicerContext
     ) -> pb.VerifyTokenResponse:
         username = self._own(context, request.username)
+        wait = self._verifications.take(username)
+        if wait:
+            raise TooManyAttempts(
+                f"{username} checked a code moments ago: try again in {math.ceil(wait)} s", wait
+            )
         outcome = self._service.verify(username, request.token, via="user")
         return pb.VerifyTokenResponse(
             valid=outcome.valid,

@@ -237,6 +237,11 @@ class UserServer:
         if not self._thread.is_alive():
             done.set()
             return done
-        with contextlib.suppress(RuntimeError):
+        try:
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).add_done_callback(_finished)
+        except RuntimeError:  # the loop is already closed: nothing left to drain
+            done.set()
         return done
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._loop.is_running()
