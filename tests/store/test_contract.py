@@ -2,8 +2,9 @@
 
 A backend joins by adding an entry to BACKENDS: a function that makes a fresh,
 empty database and returns how to open stores on it and how to read its audit
-rows (no Store method reads them: core never does). PostgreSQL will add one
-that skips when no test server is configured.
+rows (no Store method reads them: core never does). PostgreSQL's runs on the
+session's private server (tests/store/pg_harness.py) and skips only when no
+PostgreSQL binaries are installed.
 
 Concurrency is tested with many threads on one store and on two stores of one
 database at once, as several server threads and several daemons would use it.
@@ -23,7 +24,9 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.ports import Store
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import EnrollmentPolicy, Settings
+from otpgate.store.postgres import PostgresStore
 from otpgate.store.sqlite import SQLiteStore
+from tests.store.pg_harness import PgServer
 
 AuditRow = tuple[int, str, str]  # (at, event, username)
 
@@ -34,7 +37,7 @@ class Backend:
     audit: Callable[[Store], list[AuditRow]]  # oldest first
 
 
-def _sqlite(tmp_path: Path) -> Backend:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     path = str(tmp_path / "contract.sqlite3")
 
     def audit(store: Store) -> list[AuditRow]:
@@ -45,12 +48,27 @@ def _sqlite(tmp_path: Path) -> Backend:
     return Backend(open=lambda: SQLiteStore(path), audit=audit)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    server: PgServer = request.getfixturevalue("pg_server")  # skips without PostgreSQL
+    url = server.url(server.create_database())
+
+    def audit(store: Store) -> list[AuditRow]:
+        assert isinstance(store, PostgresStore)
+        rows = store._query("SELECT at, event, username FROM audit_events ORDER BY id")
+        return [(at, event, username) for at, event, username in rows]
+
+    return Backend(open=lambda: PostgresStore(url), audit=audit)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "sqlite": _sqlite,
+    "postgres": _postgres,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    made = BACKENDS[request.param](tmp_path)
+    made = BACKENDS[request.param](request, tmp_path)
     opened: list[Store] = []
 
     def open_store() -> Store:

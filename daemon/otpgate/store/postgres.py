@@ -1,0 +1,442 @@
+"""The shared store: PostgreSQL, for several daemons on one database.
+
+The same contract as the SQLite store (core.ports.Store, tests/store/test_contract.py),
+kept by PostgreSQL's row locking: every change that must be atomic is one
+statement (a counted attempt, a lock with its audit row, a spent step, a
+deletion with its audit row) or one transaction. Under READ COMMITTED a
+conditional UPDATE re-checks its WHERE on the row as the winner left it, so of
+concurrent compare-and-sets at most one applies; two first enrollments meet
+on the primary key (INSERT ... ON CONFLICT), and exactly one wins.
+
+Nothing is cached in the process: several daemons share the database, so the
+settings are read at every call. Every call is bounded in time: connecting
+(connect_timeout), waiting for a pooled connection (the pool's timeout) and
+every statement (statement_timeout, lock_timeout), so a dead database fails a
+call with StoreError within about `timeout` seconds, never hangs; a broken
+pooled connection is noticed before use and replaced, so the store recovers by
+itself once the database is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+from psycopg_pool import ConnectionPool
+
+from otpgate.core.crypto import Sealed
+from otpgate.core.records import ANY_SECRET, SecretRecord
+from otpgate.core.settings import Settings
+from otpgate.errors import ConfigError, InvalidArgument, StoreError
+
+log = logging.getLogger("otpgated")
+
+SCHEMA_VERSION = 1
+_POOL_MAX = 8  # connections per store: more threads wait their turn (bounded by `timeout`)
+_MIGRATION_LOCK = 0x6F747067  # "otpg": advisory lock serialising daemons that start at once
+
+# Version 1, as SQLite's: same tables, same columns, same checks.
+_SCHEMA_V1 = """
+CREATE TABLE meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE settings (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value TEXT NOT NULL
+);
+CREATE TABLE secrets (
+    username     TEXT PRIMARY KEY,
+    uid          BIGINT NOT NULL,
+    status       TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'pending')),
+    key_id       TEXT NOT NULL,
+    nonce        BYTEA NOT NULL,
+    ciphertext   BYTEA NOT NULL,
+    otp_digits   INTEGER NOT NULL CHECK (otp_digits BETWEEN 6 AND 8),
+    interval     INTEGER NOT NULL CHECK (interval BETWEEN 5 AND 120),
+    created_at   BIGINT NOT NULL,
+    last_step    BIGINT NOT NULL DEFAULT -1,
+    failures     BIGINT NOT NULL DEFAULT 0,
+    lockouts     BIGINT NOT NULL DEFAULT 0,
+    locked_until BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE recovery_codes (
+    username  TEXT NOT NULL REFERENCES secrets(username) ON DELETE CASCADE,
+    code_hash BYTEA NOT NULL,
+    used_at   BIGINT,
+    PRIMARY KEY (username, code_hash)
+);
+CREATE TABLE audit_events (
+    id       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at       BIGINT NOT NULL,
+    event    TEXT NOT NULL,
+    username TEXT NOT NULL,
+    detail   TEXT NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "username",
+    "uid",
+    "key_id",
+    "nonce",
+    "ciphertext",
+    "otp_digits",
+    "interval",
+    "created_at",
+    "last_step",
+    "failures",
+    "lockouts",
+    "locked_until",
+)
+_SECRET_COLUMNS = ", ".join(_COLUMNS)
+_PLACEHOLDERS = ", ".join(["%s"] * len(_COLUMNS))
+# A new secret replaces every column of the old row (and makes it active).
+_REPLACE = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:]) + ", status = 'active'"
+_AUDIT = "INSERT INTO audit_events (at, event, username, detail) VALUES (%s, %s, %s, %s)"
+
+
+def read_password_file(path: str) -> str:
+    """The password in `path`, one trailing newline stripped; checked as the key file
+    is: a regular file (no symlink), owned by root or this process's user, with no
+    group or other permission bits."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"cannot open password file {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"password file {path} is not a regular file")
+        if info.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"password file {path} is owned by uid {info.st_uid}; it must be owned by "
+                f"root or uid {os.geteuid()}"
+            )
+        if info.st_mode & 0o077:
+            raise ConfigError(
+                f"password file {path} has mode {stat.S_IMODE(info.st_mode):04o}; "
+                "it must be 0600 or tighter"
+            )
+        data = b""
+        while chunk := os.read(fd, 4096):
+            data += chunk
+            if len(data) > 65536:
+                raise ConfigError(f"password file {path} is too large")
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"password file {path} is not UTF-8 text") from None
+    return text.removesuffix("\n")
+
+
+class PostgresStore:
+    """core.ports.Store on a PostgreSQL database. Thread-safe: a pool of connections,
+    one per call at a time."""
+
+    def __init__(self, url: str, *, password_file: str | None = None, timeout: float = 3.0) -> None:
+        if not timeout > 0:
+            raise ConfigError(f"database timeout must be positive, not {timeout}")
+        self.timeout = timeout
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise ConfigError(f"invalid database URL: {_clean(exc)}") from None
+        self.where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+        self.where += f"/{params.get('dbname', '')}"
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            # libpq's connect_timeout is whole seconds (at least 2 are used).
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "options": (
+                f"-c statement_timeout={int(timeout * 1000)} "
+                f"-c lock_timeout={int(timeout * 1000)} "
+                f"-c idle_in_transaction_session_timeout={int(timeout * 2000)}"
+            ),
+            # Over TCP: a peer that vanished without a word fails the call, too.
+            "tcp_user_timeout": int(timeout * 1000),
+            "keepalives": 1,
+            "keepalives_idle": max(1, int(timeout)),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "application_name": "otpgated",
+        }
+        if password_file is not None:
+            if "password" in params:
+                raise ConfigError("database URL has a password and a password file is given")
+            # Given to libpq beside the URL, never written into it (nor into a message).
+            kwargs["password"] = read_password_file(password_file)
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=_POOL_MAX,
+            open=False,
+            timeout=timeout,
+            # A connection broken while idle in the pool (the server restarted) is
+            # found out before use and replaced, not handed to a login.
+            check=ConnectionPool.check_connection,
+            # Keep trying to reconnect, however long the database is gone: each call
+            # waits only `timeout` for a connection anyway.
+            reconnect_timeout=max(timeout * 2, 5.0),
+            reconnect_failed=self._reconnect_failed,
+            name="otpgate",
+        )
+        # The first connection by hand: its error says why (the pool's only that it
+        # timed out), and it creates or checks the schema before the pool opens.
+        try:
+            with psycopg.connect(url, **kwargs) as conn:
+                self._migrate(conn)
+        except psycopg.errors.QueryCanceled:
+            raise StoreError(f"database {self.where} did not answer within {timeout:g} s") from None
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to database {self.where}: {_clean(exc)}") from None
+        try:
+            self._pool.open(wait=True, timeout=timeout)
+        except psycopg.Error as exc:
+            self._pool.close(timeout=0)
+            raise StoreError(f"cannot connect to database {self.where}: {_clean(exc)}") from None
+
+    @staticmethod
+    def _reconnect_failed(pool: ConnectionPool[Any]) -> None:
+        log.warning("database_unreachable pool=%s: reconnecting at the next call", pool.name)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        try:
+            with self._pool.connection(timeout=self.timeout) as conn:
+                yield conn
+        except psycopg.errors.QueryCanceled:
+            raise StoreError(
+                f"database {self.where} did not answer within {self.timeout:g} s"
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"database {self.where}: {_clean(exc)}") from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        with self._connection() as conn, conn.transaction():
+            yield conn
+
+    def _query(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        with self._connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        with conn.transaction():
+            # Daemons that start at once take turns: one creates, the others check.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            row = conn.execute("SELECT to_regclass('meta')").fetchone()
+            if row is None or row[0] is None:
+                conn.execute(_SCHEMA_V1)
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
+                )
+                conn.execute(
+                    "INSERT INTO settings VALUES (1, %s)", (json.dumps(Settings().to_dict()),)
+                )
+                return
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.where} has schema version {version}; this otpgated "
+                    f"knows version {SCHEMA_VERSION}"
+                )
+
+    # -- settings -------------------------------------------------------------------
+
+    def load_settings(self) -> Settings:
+        # Read every time: another daemon on this database may have changed them.
+        rows = self._query("SELECT value FROM settings WHERE id = 1")
+        if not rows:
+            raise StoreError("database has no settings row")
+        try:
+            return Settings.from_dict(json.loads(rows[0][0]))
+        except (ValueError, InvalidArgument) as exc:
+            raise StoreError(f"stored settings are invalid: {exc}") from None
+
+    def save_settings(self, settings: Settings, *, audit: str, now: int) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE settings SET value = %s WHERE id = 1", (json.dumps(settings.to_dict()),)
+            )
+            conn.execute(_AUDIT, (now, "settings_updated", "", audit))
+
+    # -- key check --------------------------------------------------------------------
+
+    def key_check(self) -> Sealed | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'key_check'")
+        if not rows:
+            return None
+        data = json.loads(rows[0][0])
+        return Sealed(data["key_id"], bytes.fromhex(data["nonce"]), bytes.fromhex(data["ct"]))
+
+    def set_key_check(self, sealed: Sealed) -> None:
+        value = json.dumps(
+            {"key_id": sealed.key_id, "nonce": sealed.nonce.hex(), "ct": sealed.ciphertext.hex()}
+        )
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO meta VALUES ('key_check', %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (value,),
+            )
+
+    def key_ids_in_use(self) -> set[str]:
+        return {row[0] for row in self._query("SELECT DISTINCT key_id FROM secrets")}
+
+    # -- secrets --------------------------------------------------------------------
+
+    def put_secret(self, record: SecretRecord, *, expected: object = ANY_SECRET) -> bool:
+        values = (
+            record.username,
+            record.uid,
+            record.sealed.key_id,
+            record.sealed.nonce,
+            record.sealed.ciphertext,
+            record.otp_digits,
+            record.interval,
+            record.created_at,
+            record.last_step,
+            record.failures,
+            record.lockouts,
+            record.locked_until,
+        )
+        insert = f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES ({_PLACEHOLDERS})"
+        with self._transaction() as conn:
+            if expected is ANY_SECRET:
+                cursor = conn.execute(
+                    f"{insert} ON CONFLICT (username) DO UPDATE SET {_REPLACE}", values
+                )
+            elif expected is None:
+                # Only if this uid has no (active) secret: a row of another uid is a
+                # deleted account's. Racing first enrollments meet on the key: the
+                # others wait for the first to commit, then find its row and lose.
+                cursor = conn.execute(
+                    f"""{insert} ON CONFLICT (username) DO UPDATE SET {_REPLACE}
+                        WHERE secrets.uid <> EXCLUDED.uid OR secrets.status <> 'active'""",
+                    values,
+                )
+            elif isinstance(expected, Sealed):
+                cursor = conn.execute(
+                    f"""UPDATE secrets SET ({_SECRET_COLUMNS}, status) = ({_PLACEHOLDERS}, 'active')
+                        WHERE username = %s AND uid = %s AND status = 'active'
+                            AND nonce = %s AND ciphertext = %s""",
+                    (*values, record.username, record.uid, expected.nonce, expected.ciphertext),
+                )
+            else:
+                return False
+            if cursor.rowcount != 1:
+                return False
+            # As SQLite's delete-and-insert: the old secret's recovery codes go with it.
+            conn.execute("DELETE FROM recovery_codes WHERE username = %s", (record.username,))
+            conn.execute(
+                _AUDIT,
+                (record.created_at, "secret_renewed", record.username, f"uid={record.uid}"),
+            )
+        return True
+
+    def get_secret(self, username: str) -> SecretRecord | None:
+        rows = self._query(
+            f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE username = %s AND status = 'active'",
+            (username,),
+        )
+        return _record(rows[0]) if rows else None
+
+    def list_secrets(self) -> list[SecretRecord]:
+        rows = self._query(
+            f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE status = 'active' "
+            'ORDER BY username COLLATE "C"'
+        )
+        return [_record(row) for row in rows]
+
+    def delete_secret(self, username: str, *, now: int) -> bool:
+        # One statement: the row and its audit row go together or not at all.
+        rows = self._query(
+            """WITH gone AS (DELETE FROM secrets WHERE username = %s RETURNING username)
+               INSERT INTO audit_events (at, event, username, detail)
+               SELECT %s, 'secret_unset', username, '' FROM gone RETURNING id""",
+            (username, now),
+        )
+        return bool(rows)
+
+    def count_attempt(self, username: str, uid: int, *, now: int) -> SecretRecord | None:
+        rows = self._query(
+            f"""UPDATE secrets SET failures = CASE WHEN locked_until <= %(now)s
+                    THEN failures + 1 ELSE failures END
+                WHERE username = %(user)s AND uid = %(uid)s AND status = 'active'
+                RETURNING {_SECRET_COLUMNS}""",
+            {"now": now, "user": username, "uid": uid},
+        )
+        return _record(rows[0]) if rows else None
+
+    def lock(
+        self, username: str, uid: int, *, count: int, lockouts: int, until: int, now: int
+    ) -> bool:
+        # One conditional UPDATE, its audit row in the same statement.
+        rows = self._query(
+            """WITH locked AS (
+                   UPDATE secrets SET failures = 0, lockouts = lockouts + 1, locked_until = %s
+                   WHERE username = %s AND uid = %s AND status = 'active'
+                       AND failures >= %s AND lockouts = %s
+                   RETURNING username)
+               INSERT INTO audit_events (at, event, username, detail)
+               SELECT %s, 'locked', username, %s FROM locked RETURNING id""",
+            (until, username, uid, count, lockouts, now, f"failures={count} until={until}"),
+        )
+        return bool(rows)
+
+    def accept_step(self, username: str, uid: int, step: int) -> bool:
+        """Spend `step` and every earlier one; False if it (or a later one) was spent."""
+        with self._connection() as conn:
+            cursor = conn.execute(
+                """UPDATE secrets SET last_step = %s, failures = 0, lockouts = 0, locked_until = 0
+                   WHERE username = %s AND uid = %s AND last_step < %s""",
+                (step, username, uid, step),
+            )
+            return cursor.rowcount == 1
+
+    # -- health -----------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """The database answers (the watchdog's question); False if it is stuck or gone."""
+        try:
+            self._query("SELECT 1 FROM settings WHERE id = 1")
+        except StoreError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._pool.close(timeout=self.timeout)
+
+
+def _clean(exc: BaseException) -> str:
+    """psycopg's message on one line (libpq's may span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _record(row: tuple[Any, ...]) -> SecretRecord:
+    (username, uid, key_id, nonce, ct, digits, interval, created, last, fails, locks, until) = row
+    return SecretRecord(
+        username=username,
+        uid=uid,
+        sealed=Sealed(key_id, bytes(nonce), bytes(ct)),
+        otp_digits=digits,
+        interval=interval,
+        created_at=created,
+        last_step=last,
+        failures=fails,
+        lockouts=locks,
+        locked_until=until,
+    )

@@ -1,0 +1,214 @@
+"""The PostgreSQL store beyond the contract: schema guard, password file, bounded calls."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from otpgate.core.crypto import Sealed
+from otpgate.core.records import SecretRecord
+from otpgate.core.settings import Settings
+from otpgate.errors import ConfigError, StoreError
+from otpgate.store.postgres import PostgresStore
+from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, PgServer, skip_reason
+
+
+def _record(name: str = "alice", uid: int = 1000) -> SecretRecord:
+    return SecretRecord(name, uid, Sealed("k", b"n" * 12, b"c" * 48), 6, 30, 0)
+
+
+@pytest.fixture
+def url(pg_server: PgServer) -> str:
+    return pg_server.url(pg_server.create_database())
+
+
+def test_newer_schema_refused(url: str) -> None:
+    PostgresStore(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+    with pytest.raises(StoreError, match=r"schema version 99; this otpgated knows version 1"):
+        PostgresStore(url)
+
+
+def test_settings_are_not_cached(url: str) -> None:
+    """Several daemons share the database: one's change is the other's next read."""
+    first, second = PostgresStore(url), PostgresStore(url)
+    assert first.load_settings() == Settings()
+    second.save_settings(Settings(enabled=True), audit="changed enabled", now=1)
+    assert first.load_settings() == Settings(enabled=True)
+    first.close()
+    second.close()
+
+
+def test_daemons_starting_at_once_on_an_empty_database(url: str) -> None:
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            stores.append(PostgresStore(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(stores) == 6
+    assert all(store.load_settings() == Settings() for store in stores)
+    for store in stores:
+        store.close()
+
+
+# -- the password file -----------------------------------------------------------------
+
+
+@pytest.fixture
+def password_url(pg_server: PgServer) -> str:
+    """A database owned by the role that must give a password; the URL has none."""
+    return pg_server.url(pg_server.create_database(PASSWORD_ROLE), user=PASSWORD_ROLE)
+
+
+def _password_file(tmp_path: Path, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / "db.password"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_password_file_authenticates(tmp_path: Path, password_url: str) -> None:
+    assert "password" not in password_url
+    store = PostgresStore(password_url, password_file=_password_file(tmp_path, PASSWORD + "\n"))
+    assert store.put_secret(_record())
+    assert store.get_secret("alice") == _record()
+    assert store._query("SELECT current_user") == [(PASSWORD_ROLE,)]
+    store.close()
+
+
+def test_only_one_trailing_newline_is_stripped(tmp_path: Path, password_url: str) -> None:
+    with pytest.raises(StoreError, match="password authentication failed"):
+        PostgresStore(password_url, password_file=_password_file(tmp_path, PASSWORD + "\n\n"))
+
+
+def test_without_the_password_the_role_is_refused(password_url: str) -> None:
+    with pytest.raises(StoreError, match="cannot connect"):
+        PostgresStore(password_url, timeout=2)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_password_file_readable_by_others_refused(
+    tmp_path: Path, password_url: str, mode: int
+) -> None:
+    path = _password_file(tmp_path, PASSWORD, mode)
+    with pytest.raises(ConfigError, match=f"has mode {mode:04o}; it must be 0600"):
+        PostgresStore(password_url, password_file=path)
+
+
+def test_password_file_must_be_a_regular_file(tmp_path: Path, password_url: str) -> None:
+    real = _password_file(tmp_path, PASSWORD)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match="cannot open password file"):  # O_NOFOLLOW
+        PostgresStore(password_url, password_file=str(link))
+    directory = tmp_path / "dir"
+    directory.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        PostgresStore(password_url, password_file=str(directory))
+    with pytest.raises(ConfigError, match="cannot open password file"):
+        PostgresStore(password_url, password_file=str(tmp_path / "missing"))
+
+
+def test_password_file_must_be_owned_by_root_or_us(tmp_path: Path, password_url: str) -> None:
+    path = _password_file(tmp_path, PASSWORD)
+    os.chown(path, 12345, -1)
+    with pytest.raises(ConfigError, match="owned by uid 12345"):
+        PostgresStore(password_url, password_file=path)
+
+
+def test_a_password_in_the_url_and_a_file_refused(tmp_path: Path, password_url: str) -> None:
+    with pytest.raises(ConfigError, match="has a password and a password file"):
+        PostgresStore(
+            f"{password_url} password=x", password_file=_password_file(tmp_path, PASSWORD)
+        )
+
+
+# -- a dead database ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server() -> Iterator[PgServer]:
+    """A server of this test's own, to stop and start without disturbing the others."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def _fails_within(call: object, bound: float) -> float:
+    start = time.monotonic()
+    with pytest.raises(StoreError):
+        call()  # type: ignore[operator]
+    elapsed = time.monotonic() - start
+    assert elapsed < bound, f"took {elapsed:.1f} s"
+    return elapsed
+
+
+def test_a_stopped_database_fails_calls_in_time_and_the_pool_recovers(
+    own_server: PgServer,
+) -> None:
+    timeout = 2.0
+    store = PostgresStore(own_server.url(own_server.create_database()), timeout=timeout)
+    assert store.put_secret(_record())
+    own_server.stop()
+    for call in (
+        lambda: store.get_secret("alice"),
+        lambda: store.count_attempt("alice", 1000, now=100),
+        lambda: store.lock("alice", 1000, count=1, lockouts=0, until=160, now=100),
+        lambda: store.accept_step("alice", 1000, 7),
+        lambda: store.load_settings(),
+    ):
+        _fails_within(call, timeout + 1.5)
+    assert not store.healthy()
+    own_server.start()
+    # The same store, no reopening: the pool reconnects on its own.
+    deadline = time.monotonic() + 15
+    while not store.healthy():
+        assert time.monotonic() < deadline, "the pool did not reconnect"
+        time.sleep(0.2)
+    record = store.count_attempt("alice", 1000, now=100)
+    assert record is not None and record.failures == 1  # nothing counted while it was down
+    assert store.accept_step("alice", 1000, 7)
+    store.close()
+
+
+def test_opening_on_a_stopped_database_fails_in_time(own_server: PgServer) -> None:
+    url = own_server.url(own_server.create_database())
+    own_server.stop()
+    _fails_within(lambda: PostgresStore(url, timeout=1.0), 1.0 + 1.5)
+
+
+def test_a_stuck_statement_is_cut_off(url: str) -> None:
+    """A statement that waits (here on a row another session holds) ends at the bound."""
+    store = PostgresStore(url, timeout=1.0)
+    store.put_secret(_record())
+    with psycopg.connect(url) as blocker:
+        blocker.execute("SELECT 1 FROM secrets WHERE username = 'alice' FOR UPDATE")
+        elapsed = _fails_within(lambda: store.count_attempt("alice", 1000, now=1), 2.5)
+        assert elapsed >= 0.9
+        blocker.rollback()
+    record = store.count_attempt("alice", 1000, now=1)
+    assert record is not None and record.failures == 1
+    store.close()
