@@ -19,6 +19,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class DaemonConfig:
     # SQLite database and other state.
     state_dir: str = "/var/lib/otpgate"
+    # A shared PostgreSQL database instead of the SQLite file (libpq URL form,
+    # without the password), e.g. "postgresql://otpgate@db.example/otpgate?sslmode=verify-full".
+    database_url: str = ""
+    # The database password, from a file (0600, owned by root): never on a command line.
+    database_password_file: str = ""
     # admin.sock, user.sock and pam.sock.
     runtime_dir: str = "/run/otpgate"
     # Encryption key: a systemd credential of this name wins when present...
@@ -49,6 +54,11 @@ class DaemonConfig:
     def database(self) -> str:
         return os.path.join(self.state_dir, "otpgate.sqlite3")
 
+    @property
+    def database_where(self) -> str:
+        """The database for the log: the SQLite file, or the URL (no password in it)."""
+        return self.database_url or self.database
+
     def socket(self, name: str) -> str:
         return os.path.join(self.runtime_dir, f"{name}.sock")
 
@@ -66,6 +76,10 @@ def parser() -> argparse.ArgumentParser:
         "--config", help=f"TOML configuration file (default {DEFAULT_CONFIG_FILE} if it exists)"
     )
     p.add_argument("--state-dir", help="directory of the database")
+    p.add_argument(
+        "--database-url", help="a shared PostgreSQL database (libpq URL) instead of SQLite"
+    )
+    p.add_argument("--database-password-file", help="file holding the database password")
     p.add_argument("--runtime-dir", help="directory of the sockets")
     p.add_argument(
         "--key-file", help="encryption key file (0600, owned by root or the daemon user)"
@@ -130,6 +144,12 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
     for name in ("state_dir", "runtime_dir", "key_file"):
         if not os.path.isabs(getattr(config, name)):
             raise ConfigError(f"{source}: {name} must be an absolute path")
+    if config.database_password_file and not os.path.isabs(config.database_password_file):
+        raise ConfigError(f"{source}: database_password_file must be an absolute path")
+    if config.database_password_file and not config.database_url:
+        raise ConfigError(f"{source}: database_password_file needs database_url")
+    if config.database_url and not config.database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{source}: database_url must be a postgresql:// URL")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
     if not 1 <= config.workers <= 256:

@@ -24,8 +24,9 @@ from otpgate.core.accounts import CachedAccountLookup, lookup_account
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.paths import prepare_dir
+from otpgate.core.ports import Store
 from otpgate.core.service import TwoFactorService
-from otpgate.errors import OtpgateError
+from otpgate.errors import ConfigError, OtpgateError
 from otpgate.server import config as daemon_config
 from otpgate.server import logs, sdnotify
 from otpgate.server.admin import AdminServicer
@@ -171,6 +172,20 @@ def _prepare_dir(path: str, mode: int) -> None:
     prepare_dir(path, mode, exact=not mode & 0o077, subject=f"directory {path}")
 
 
+def _open_store(config: daemon_config.DaemonConfig) -> Store:
+    if not config.database_url:
+        return SQLiteStore(config.database)
+    try:
+        # Only fleets need it: `pip install 'otpgate[postgres]'`.
+        from otpgate.store.postgres import PostgresStore
+    except ImportError as exc:
+        raise ConfigError(
+            f"database_url needs the PostgreSQL driver ({exc.name} is missing): "
+            "pip install 'otpgate[postgres]'"
+        ) from None
+    return PostgresStore(config.database_url, password_file=config.database_password_file or None)
+
+
 def _admin_gid(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
@@ -196,7 +211,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
     _prepare_dir(private_dir, 0o700)
     gid = _admin_gid(config.admin_group)
     budgets = _user_budgets(config)
-    store = SQLiteStore(config.database)
+    store = _open_store(config)
     relay: UserSocketRelay | None = None
     try:
         keyring = load_keyring(config, store)
@@ -248,7 +263,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
         log.info(
             "started version=%s database=%s key_id=%s",
             __version__,
-            config.database,
+            config.database_where,
             keyring.primary_id,
         )
         sdnotify.notify("READY=1")

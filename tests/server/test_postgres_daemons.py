@@ -1,0 +1,107 @@
+"""Two real otpgated processes on one real PostgreSQL: one enrollment serves both, a
+code is accepted once across them, a setting changed through one holds on the
+other, and a daemon with another key refuses the database."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+
+import grpc
+import pyotp
+
+from otpgate.core.crypto import create_key_file
+from otpgate.v1 import otpgate_pb2 as pb
+from tests.conftest import Daemon, LocalUser
+from tests.store.conftest import pg_server  # noqa: F401 - the session's PostgreSQL
+from tests.store.pg_harness import PgServer
+
+
+def _url(server: PgServer, dbname: str) -> str:
+    host = urllib.parse.quote(str(server.root), safe="")
+    return f"postgresql://postgres@/{dbname}?host={host}&port={server.port}"
+
+
+def _pair(make_daemon: Callable[..., Daemon], url: str) -> tuple[Daemon, Daemon]:
+    first = make_daemon("--database-url", url)
+    second = make_daemon("--database-url", url, start=False)
+    second.key_file.parent.mkdir(mode=0o700, parents=True)
+    shutil.copy2(first.key_file, second.key_file)  # every daemon of a database: one key
+    second.start()
+    return first, second
+
+
+def _race(code: str, username: str, daemons: list[Daemon]) -> list[int]:
+    """The verdicts of one code sent to pam.sock through each daemon, all at once."""
+    verdicts: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(daemons))
+
+    def verify(daemon: Daemon) -> None:
+        stub = daemon.pam()
+        barrier.wait()
+        try:
+            request = pb.PamRequest(username=username, service="sshd", authtok=code)
+            verdict = stub.Verify(request, timeout=10).verdict
+        except grpc.RpcError:
+            verdict = -1
+        with lock:
+            verdicts.append(verdict)
+
+    threads = [threading.Thread(target=verify, args=(d,)) for d in daemons]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return verdicts
+
+
+def test_two_daemons_one_database_accept_a_code_once(
+    pg_server: PgServer,  # noqa: F811
+    make_daemon: Callable[..., Daemon],
+    user: LocalUser,
+) -> None:
+    url = _url(pg_server, pg_server.create_database())
+    a, b = _pair(make_daemon, url)
+    a.admin().UpdateConfig(
+        pb.UpdateConfigRequest(enabled=True, services_ssh=True, window=10, lockout_threshold=100),
+        timeout=5,
+    )
+    # A setting changed through one daemon holds on the other at its next call.
+    assert b.admin().GetConfig(pb.GetConfigRequest(), timeout=5).lockout_threshold == 100
+    entry = b.admin().RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)
+    shown = a.admin().GetUser(pb.GetUserRequest(username=user.name), timeout=5)
+    assert shown.twofactor_auth_configured
+    step = -1
+    for round_ in range(20):
+        # window=10: twenty codes, each for a newer time step than the last, all good now.
+        step = max(step + 1, int(time.time()) // 30 - 9)
+        code = totp.at(step * 30)
+        verdicts = _race(code, user.name, [(a, b)[i % 2] for i in range(50)])
+        assert verdicts.count(pb.VERDICT_ALLOW) == 1, (round_, verdicts)
+        assert -1 not in verdicts
+
+
+def test_a_daemon_with_another_key_refuses_the_database(
+    pg_server: PgServer,  # noqa: F811
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    url = _url(pg_server, pg_server.create_database())
+    make_daemon("--database-url", url)
+    stranger = make_daemon("--database-url", url, start=False)
+    stranger.key_file.parent.mkdir(mode=0o700, parents=True)
+    create_key_file(str(stranger.key_file))  # a key of its own, not the database's
+    result = stranger.run_to_exit()
+    assert result.returncode == 1
+    assert "KeyMismatch" in result.stderr and "refusing to start" in result.stderr
+
+
+def test_database_options_are_checked(make_daemon: Callable[..., Daemon]) -> None:
+    lone = make_daemon("--database-password-file", "/etc/otpgate/db.pw", start=False)
+    assert "database_password_file needs database_url" in lone.run_to_exit().stderr
+    mysql = make_daemon("--database-url", "mysql://db/otpgate", start=False)
+    assert "database_url must be a postgresql:// URL" in mysql.run_to_exit().stderr
