@@ -2,51 +2,21 @@
 and their messages. The files are a private copy (pam.d, sshd_config) under tmp_path;
 sshd is the system binary under a unique name, never reloaded."""
 
+# ruff: noqa: F811 - `paths` is a fixture imported from tests.ssh.test_setup
 from __future__ import annotations
 
 import difflib
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from otpgate.ssh import setup as ssh_setup
 from tests.cli.test_cli import cli, run
 from tests.conftest import REPO, Daemon
+from tests.ssh.test_setup import paths  # noqa: F401 - the private pam.d/sshd copy, a fixture
 
 HOOK = str(REPO / "pam_hook" / "otpgate-pam-hook")
-SSHD_PAM = "# PAM configuration for the Secure Shell service\n@include common-auth\n"
-
-
-@pytest.fixture
-def paths(tmp_path: Path) -> ssh_setup.Paths:
-    pam_dir = tmp_path / "pam.d"
-    pam_dir.mkdir()
-    name = "sshd-otpgate-cli-test"
-    (pam_dir / name).write_text(SSHD_PAM + "account required pam_unix.so\n")
-    (pam_dir / "common-auth").write_text("auth required pam_unix.so\nauth required pam_permit.so\n")
-    ssh_dir = tmp_path / "ssh"
-    (ssh_dir / "sshd_config.d").mkdir(parents=True)
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh_dir / "hostkey")], check=True
-    )
-    (ssh_dir / "sshd_config").write_text(
-        f"Include {ssh_dir}/sshd_config.d/*.conf\nHostKey {ssh_dir}/hostkey\n"
-        "KbdInteractiveAuthentication no\nUsePAM yes\n"
-    )
-    sshd = tmp_path / name
-    sshd.symlink_to("/usr/sbin/sshd")
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    return ssh_setup.Paths(
-        pam_dir=str(pam_dir),
-        sshd_config=str(ssh_dir / "sshd_config"),
-        sshd_config_dir=str(ssh_dir / "sshd_config.d"),
-        sshd=str(sshd),
-        backup_dir=str(tmp_path / "backup"),
-    )
 
 
 def setup_args(paths: ssh_setup.Paths, *extra: str) -> list[str]:
