@@ -14,19 +14,21 @@ Modes:  check              0 when the account needs no code for this service now
         first-factor-done  0 when sshd reports a passed first factor (SSH_AUTH_INFO_0)
 Options: socket=PATH (absolute; default /run/otpgate/pam.sock)
          timeout=SECONDS (0.1..30; default 3)
-         fail=secure|safe (what an unreachable daemon means: deny, or allow and log it)
+         fail=secure|safe (what an unreachable daemon or database means: deny, or
+             allow and log it)
          first-factor=required (check, verify: deny unless sshd reports a passed first
              factor, so one call does what a first-factor-done line would; verify then
              also passes when the daemon says the account needs no code now)
 
-fail=safe allows only when the daemon did not answer: the connection to the socket
+fail=safe allows only when nobody could decide: the connection to the socket
 failed, or no reply to our call (response HEADERS or RST_STREAM on our stream) came
-before the deadline or before the connection ended (EOF, GOAWAY). Once the daemon has
-answered, anything but the wanted verdict denies in both fail modes: an error status,
-a reset call, a non-200 :status, bytes that do not parse, a reply cut short, an
-unknown verdict. single-prompt refuses fail=safe (a usage error, so it always
-denies): there the daemon is the only check of the password, and fail=safe would let
-anyone in without one while the daemon is down.
+before the deadline or before the connection ended (EOF, GOAWAY), or the daemon
+answered with the verdict UNAVAILABLE (its shared database did not answer in time).
+Once the daemon has answered, anything else but the wanted verdict denies in both
+fail modes: an error status, a reset call, a non-200 :status, bytes that do not
+parse, a reply cut short, an unknown verdict. single-prompt refuses fail=safe (a
+usage error, so it always denies): there the daemon is the only check of the
+password, and fail=safe would let anyone in without one while the daemon is down.
 
 The token on stdin (verify, single-prompt; check and first-factor-done read none)
 must be text, whatever the mode and the fail mode: valid UTF-8, at most MAX_AUTHTOK
@@ -62,7 +64,7 @@ MAX_FRAME = 16384  # HTTP/2's default SETTINGS_MAX_FRAME_SIZE, which we never ra
 MAX_HEADER_BLOCK = 16384
 
 # Verdict numbers of otpgate.v1.Verdict.
-ALLOW, DENY, NOT_REQUIRED, OTP_REQUIRED, LOCKED, NOT_ENROLLED = 1, 2, 3, 4, 5, 6
+ALLOW, DENY, NOT_REQUIRED, OTP_REQUIRED, LOCKED, NOT_ENROLLED, UNAVAILABLE = 1, 2, 3, 4, 5, 6, 7
 _VERDICT_NAMES = {
     ALLOW: "allow",
     DENY: "deny",
@@ -70,6 +72,7 @@ _VERDICT_NAMES = {
     OTP_REQUIRED: "otp_required",
     LOCKED: "locked",
     NOT_ENROLLED: "not_enrolled",
+    UNAVAILABLE: "unavailable",
 }
 
 
@@ -691,6 +694,13 @@ def run(argv: list[str], env: "Mapping[str, str]", stdin: "BinaryIO", out: "Text
         return EXIT_DENY
     except BadAnswer as exc:  # the daemon answered, and not with a verdict: deny
         _log(LOG_ERR, f"denied, bad answer from the daemon: {where}: {exc}")
+        return EXIT_DENY
+    if verdict == UNAVAILABLE:
+        # Nothing was decided, as when the daemon is down: the same rule.
+        if options.fail_safe:
+            _log(LOG_WARNING, f"allowed by fail=safe, database unavailable: {where}")
+            return EXIT_ALLOW
+        _log(LOG_ERR, f"denied, database unavailable: {where}")
         return EXIT_DENY
     _say(out, message)
     if options.mode == "check":

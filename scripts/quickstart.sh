@@ -73,7 +73,8 @@ src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 tar -C "$repo" --exclude=./build --exclude=./dist --exclude='./.venv*' --exclude='*.egg-info' \
   --exclude=.git -cf - . | tar -C "$src" -xf -
-"$prefix/bin/pip" install -q "$src"
+# With the PostgreSQL driver: a fleet (README, "A fleet") needs nothing more.
+"$prefix/bin/pip" install -q "$src[postgres]"
 "$prefix/bin/pip" install -q --no-deps --force-reinstall "$src"
 ln -sf "$prefix/bin/otpgate" /usr/local/bin/otpgate
 ln -sf "$prefix/bin/otpgated" /usr/local/sbin/otpgated

@@ -10,7 +10,10 @@
     ├── TooManyAttempts          a password check refused until its delay has passed
     ├── ConfigError              daemon configuration or key material is unusable
     │   └── KeyMismatch          the key does not open this database
-    ├── StoreError               the database is damaged or from a newer version
+    ├── StoreError               the database is damaged, from a newer version, or
+    │   │                        refused a change (a failure of otpgated: deny)
+    │   └── StoreUnavailable     the shared database did not answer within its
+    │                            bound (gone, slow, restarting): nothing decided
     └── ClientError              the CLI could not talk to the daemon
 
 Messages never contain a secret, a code or a password.
@@ -61,6 +64,13 @@ class KeyMismatch(ConfigError):
 
 class StoreError(OtpgateError):
     pass
+
+
+class StoreUnavailable(StoreError):
+    """Only for a database that could not be reached or did not answer in time;
+    every other database failure stays a plain StoreError, so that a bug or a
+    refused write is never taken for an outage (which the hook's fail mode may
+    let through)."""
 
 
 class ClientError(OtpgateError):

@@ -53,7 +53,8 @@ tar -C "$repo" --exclude=./build --exclude=./dist --exclude='./.venv*' --exclude
   --exclude=.git --exclude=__pycache__ --exclude=.pytest_cache --exclude=.mypy_cache \
   --exclude=.ruff_cache -cf - . | tar -C "$stage/src" -xf -
 "$python" -m venv "$venv" || die "python3 -m venv failed (is python3-venv installed?)"
-"$venv/bin/python" -m pip install -q --no-compile --no-warn-script-location "$stage/src"
+# With the PostgreSQL driver, so that a fleet host needs nothing from outside the package.
+"$venv/bin/python" -m pip install -q --no-compile --no-warn-script-location "$stage/src[postgres]"
 "$venv/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null
 rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -128,6 +129,9 @@ ln -s ../lib/otpgate/bin/otpgated "$root/usr/sbin/otpgated"
 install -D -m 0644 "$repo/packaging/systemd/otpgated.service" "$root/lib/systemd/system/otpgated.service"
 install -D -m 0644 "$repo/packaging/systemd/otpgate.sysusers" "$root/usr/lib/sysusers.d/otpgate.conf"
 install -D -m 0644 "$repo/packaging/systemd/otpgate.tmpfiles" "$root/usr/lib/tmpfiles.d/otpgate.conf"
+# A fleet host's drop-in (README, "A fleet"): an example, installed by the admin.
+install -D -m 0644 "$repo/packaging/systemd/otpgated-fleet.conf" \
+  "$root/usr/share/otpgate/systemd/otpgated-fleet.conf"
 install -D -m 0644 "$repo/packaging/pam.d/otpgate" "$root/etc/pam.d/otpgate"
 install -d "$root/usr/share/otpgate/pam.d" "$root/usr/share/otpgate/sshd_config.d"
 for f in "$repo"/packaging/pam.d/otpgate-ssh-* "$repo"/packaging/sshd_config.d/*.conf; do

@@ -48,3 +48,31 @@ def test_unit_facts() -> None:
               "StateDirectory=otpgate", "UMask=0077", "LoadCredential=otpgate.key:"]  # fmt: skip
     for line in wanted:
         assert line in text
+
+
+FLEET = REPO / "packaging" / "systemd" / "otpgated-fleet.conf"
+
+
+def test_fleet_drop_in_verifies_and_opens_only_the_network(tmp_path: Path) -> None:
+    # A drop-in's lines come after the unit's: the same as one file in that order
+    # (its [Service] header reopens that section after the unit's [Install]).
+    merged = UNIT.read_text().replace("/usr/lib/otpgate/bin/otpgated", "/bin/true")
+    merged += "\n" + FLEET.read_text()
+    unit = tmp_path / "otpgated.service"
+    unit.write_text(merged)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--generators=no", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    # Network to one address costs a little exposure; nothing else may.
+    assert float(match.group(1)) <= MAX_EXPOSURE + 0.5, security.stdout
+    text = FLEET.read_text()
+    assert "IPAddressAllow=" in text and "IPAddressDeny=" not in text.split("#")[0]
+    assert "LoadCredential=otpgate.dbpassword:" in text

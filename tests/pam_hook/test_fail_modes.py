@@ -390,3 +390,23 @@ def test_validate_options_rejects_bad_lines(hook: ModuleType, argv: list[str]) -
     with pytest.raises(hook.UsageError) as info:
         hook.validate_options(argv)
     assert str(info.value)
+
+
+@pytest.mark.parametrize("fail", ["secure", "safe"])
+@pytest.mark.parametrize(
+    "mode", ["check", "verify", "verify first-factor=required", "single-prompt"]
+)
+def test_an_unavailable_database_is_left_to_the_fail_mode(
+    hook: ModuleType, fake_gate: tuple[FakeGate, str], logged: list[str], mode: str, fail: str
+) -> None:
+    # The daemon answered, but decided nothing: its database did not answer in time.
+    gate, path = fake_gate
+    gate.reply = lambda request, context: pb.PamDecision(verdict=pb.VERDICT_UNAVAILABLE)
+    argv = [*mode.split(), f"socket={path}", f"fail={fail}"]
+    code = run(hook, argv, b"123456", **FIRST_FACTOR)
+    if mode == "single-prompt" and fail == "safe":
+        assert code == 1 and gate.seen == []  # refused as a usage error, as always
+        return
+    assert code == (0 if fail == "safe" else 1)
+    assert len(logged) == 1 and "database unavailable" in logged[0]
+    assert logged[0].startswith("allowed by fail=safe" if fail == "safe" else "denied")

@@ -105,3 +105,39 @@ def test_database_options_are_checked(make_daemon: Callable[..., Daemon]) -> Non
     assert "database_password_file needs database_url" in lone.run_to_exit().stderr
     mysql = make_daemon("--database-url", "mysql://db/otpgate", start=False)
     assert "database_url must be a postgresql:// URL" in mysql.run_to_exit().stderr
+
+
+def test_concurrent_wrong_codes_through_two_daemons_check_at_most_the_threshold(
+    pg_server: PgServer,  # noqa: F811
+    make_daemon: Callable[..., Daemon],
+    user: LocalUser,
+) -> None:
+    import psycopg
+
+    threshold = 5
+    dbname = pg_server.create_database()
+    a, b = _pair(make_daemon, _url(pg_server, dbname))
+    a.admin().UpdateConfig(
+        pb.UpdateConfigRequest(
+            enabled=True, services_ssh=True, window=10,
+            lockout_threshold=threshold, lockout_seconds=1,
+        ),
+        timeout=5,
+    )  # fmt: skip
+    entry = a.admin().RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)
+    wrong = "000000" if totp.now() != "000000" else "111111"
+    step = int(time.time()) // 30 - 9
+    for round_ in range(5):
+        verdicts = _race(wrong, user.name, [(a, b)[i % 2] for i in range(50)])
+        # Exactly `threshold` codes were looked at (and found wrong); every other
+        # attempt, through either daemon, was refused as locked without a look.
+        assert verdicts.count(pb.VERDICT_DENY) == threshold, (round_, verdicts)
+        assert verdicts.count(pb.VERDICT_LOCKED) == 50 - threshold, (round_, verdicts)
+        time.sleep(2.2)  # the lock (1 s, rounded up) is over; a right code resets the run
+        step += 1
+        good = pb.PamRequest(username=user.name, service="sshd", authtok=totp.at(step * 30))
+        assert b.pam().Verify(good, timeout=5).verdict == pb.VERDICT_ALLOW
+    with psycopg.connect(pg_server.url(dbname)) as conn:
+        locks = conn.execute("SELECT count(*) FROM audit_events WHERE event = 'locked'").fetchone()
+    assert locks is not None and locks[0] == 5  # one lock per run, not one per daemon

@@ -19,3 +19,16 @@ def pg_server() -> Iterator[PgServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def pg_tls_server() -> Iterator[PgServer]:
+    """A second server that also listens on 127.0.0.1 and lets in only TLS there."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PgServer(tls=True)
+    try:
+        yield server
+    finally:
+        server.remove()

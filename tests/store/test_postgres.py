@@ -1,4 +1,5 @@
-"""The PostgreSQL store beyond the contract: schema guard, password file, bounded calls."""
+"""The PostgreSQL store beyond the contract: password file, bounded calls (schema
+versions: test_schema.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import SecretRecord
 from otpgate.core.settings import Settings
-from otpgate.errors import ConfigError, StoreError
+from otpgate.errors import ConfigError, StoreError, StoreUnavailable
 from otpgate.store.postgres import PostgresStore
 from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, PgServer, skip_reason
 
@@ -26,14 +27,6 @@ def _record(name: str = "alice", uid: int = 1000) -> SecretRecord:
 @pytest.fixture
 def url(pg_server: PgServer) -> str:
     return pg_server.url(pg_server.create_database())
-
-
-def test_newer_schema_refused(url: str) -> None:
-    PostgresStore(url).close()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
-    with pytest.raises(StoreError, match=r"schema version 99; this otpgated knows version 1"):
-        PostgresStore(url)
 
 
 def test_settings_are_not_cached(url: str) -> None:
@@ -157,9 +150,9 @@ def own_server() -> Iterator[PgServer]:
         server.remove()
 
 
-def _fails_within(call: object, bound: float) -> float:
+def _fails_within(call: object, bound: float, error: type[StoreError] = StoreUnavailable) -> float:
     start = time.monotonic()
-    with pytest.raises(StoreError):
+    with pytest.raises(error):
         call()  # type: ignore[operator]
     elapsed = time.monotonic() - start
     assert elapsed < bound, f"took {elapsed:.1f} s"
@@ -197,7 +190,7 @@ def test_a_stopped_database_fails_calls_in_time_and_the_pool_recovers(
 def test_opening_on_a_stopped_database_fails_in_time(own_server: PgServer) -> None:
     url = own_server.url(own_server.create_database())
     own_server.stop()
-    _fails_within(lambda: PostgresStore(url, timeout=1.0), 1.0 + 1.5)
+    _fails_within(lambda: PostgresStore(url, timeout=1.0), 1.0 + 1.5, StoreError)
 
 
 def test_a_stuck_statement_is_cut_off(url: str) -> None:
@@ -212,3 +205,31 @@ def test_a_stuck_statement_is_cut_off(url: str) -> None:
     record = store.count_attempt("alice", 1000, now=1)
     assert record is not None and record.failures == 1
     store.close()
+
+
+def test_a_refused_connection_is_not_an_outage(tmp_path: Path, password_url: str) -> None:
+    # The password changes under a running store (as a wrong certificate or a new
+    # pg_hba rule would refuse it): its new connections are refused. That must
+    # deny, not pass for "the database is down", on which fail=safe lets people in.
+    store = PostgresStore(
+        password_url, password_file=_password_file(tmp_path, PASSWORD), timeout=1.0
+    )
+    assert store.put_secret(_record())
+    admin_url = password_url.replace(f"user={PASSWORD_ROLE}", "user=postgres")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {PASSWORD_ROLE} PASSWORD 'another one'")
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            (PASSWORD_ROLE,),
+        )
+    try:
+        with pytest.raises(StoreError) as caught:
+            for _ in range(5):  # the first call may still find a live connection
+                store.get_secret("alice")
+        assert not isinstance(caught.value, StoreUnavailable), caught.value
+        assert "refused us" in str(caught.value)
+        assert "password authentication failed" in str(caught.value)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"ALTER ROLE {PASSWORD_ROLE} PASSWORD '{PASSWORD}'")
+        store.close()

@@ -21,7 +21,13 @@ from otpgate.core.crypto import Keyring, account_binding
 from otpgate.core.ports import AccountDetailsLookup, AccountLookup, Store
 from otpgate.core.records import ANY_SECRET, Account, AccountDetails, SecretRecord
 from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS, Settings, check_int
-from otpgate.errors import FailedPrecondition, InvalidArgument, KeyMismatch, NotFound
+from otpgate.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KeyMismatch,
+    NotFound,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("otpgated")
 
@@ -295,14 +301,20 @@ class TwoFactorService:
         if judgement.lock_until is not None:
             # False when another attempt locked this run first (or a code was accepted
             # meanwhile): either way nothing is left to do; see core.lockout.
-            self._store.lock(
-                account.username,
-                account.uid,
-                count=record.failures,
-                lockouts=record.lockouts,
-                until=judgement.lock_until,
-                now=int(now),
-            )
+            try:
+                self._store.lock(
+                    account.username,
+                    account.uid,
+                    count=record.failures,
+                    lockouts=record.lockouts,
+                    until=judgement.lock_until,
+                    now=int(now),
+                )
+            except StoreUnavailable:
+                # This attempt was counted, so its answer stands: were it "unavailable",
+                # a wrong code would pass where the hook runs fail=safe. The lock is not
+                # lost either: the next attempt finds the threshold passed and locks.
+                log.warning("lock_deferred user=%s: database unavailable", account.username)
         if not judgement.check_code:
             return Verification(VerifyResult.LOCKED, locked_seconds=judgement.locked_seconds)
         if token is None:

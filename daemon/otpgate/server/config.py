@@ -22,8 +22,13 @@ class DaemonConfig:
     # A shared PostgreSQL database instead of the SQLite file (libpq URL form,
     # without the password), e.g. "postgresql://otpgate@db.example/otpgate?sslmode=verify-full".
     database_url: str = ""
-    # The database password, from a file (0600, owned by root): never on a command line.
+    # The database password: a systemd credential of this name wins when present...
+    database_password_credential: str = "otpgate.dbpassword"
+    # ...otherwise this file (0600, owned by root); never on a command line.
     database_password_file: str = ""
+    # Seconds a call waits for the database (connection, statement, lock) before
+    # it fails as unavailable; keep it below the hook's timeout= (3 s by default).
+    database_timeout: float = 2.0
     # admin.sock, user.sock and pam.sock.
     runtime_dir: str = "/run/otpgate"
     # Encryption key: a systemd credential of this name wins when present...
@@ -66,11 +71,14 @@ class DaemonConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(DaemonConfig)}
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "otpgated") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="otpgated",
+        prog=prog,
         description="The otpgate daemon: holds encrypted TOTP secrets and the 2FA settings, "
         "and serves the admin, user and PAM APIs on Unix sockets.",
+        epilog="Maintenance: `otpgated upgrade-schema [OPTIONS]` brings the database to "
+        "this version's schema; `otpgated migrate SOURCE TARGET` copies a database "
+        "(SQLite <-> PostgreSQL) into an empty one. See otpgated(8).",
     )
     p.add_argument(
         "--config", help=f"TOML configuration file (default {DEFAULT_CONFIG_FILE} if it exists)"
@@ -80,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
         "--database-url", help="a shared PostgreSQL database (libpq URL) instead of SQLite"
     )
     p.add_argument("--database-password-file", help="file holding the database password")
+    p.add_argument("--database-timeout", type=float, help="seconds a call waits for the database")
     p.add_argument("--runtime-dir", help="directory of the sockets")
     p.add_argument(
         "--key-file", help="encryption key file (0600, owned by root or the daemon user)"
@@ -100,8 +109,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load(argv: list[str] | None = None) -> DaemonConfig:
-    args = parser().parse_args(argv)
+def load(argv: list[str] | None = None, *, prog: str = "otpgated") -> DaemonConfig:
+    args = parser(prog).parse_args(argv)
     values: dict[str, Any] = {}
     path = args.config
     if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
@@ -162,8 +171,11 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
         raise ConfigError(f"{source}: user_calls_per_uid must be from 1 to 256")
     if not 1.0 <= config.user_idle_seconds <= 86400.0:
         raise ConfigError(f"{source}: user_idle_seconds must be from 1 to 86400")
-    if "/" in config.key_credential or not config.key_credential:
-        raise ConfigError(f"{source}: key_credential must be a plain name")
+    for name in ("key_credential", "database_password_credential"):
+        if "/" in getattr(config, name) or not getattr(config, name):
+            raise ConfigError(f"{source}: {name} must be a plain name")
+    if not 0.1 <= config.database_timeout <= 30.0:
+        raise ConfigError(f"{source}: database_timeout must be from 0.1 to 30 seconds")
     if config.issuer:
         try:
             check_issuer("issuer", config.issuer, allow_empty=False)

@@ -26,17 +26,18 @@ from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.paths import prepare_dir
 from otpgate.core.ports import Store
 from otpgate.core.service import TwoFactorService
-from otpgate.errors import ConfigError, OtpgateError
+from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
-from otpgate.server import logs, sdnotify
+from otpgate.server import logs, maintenance, sdnotify
 from otpgate.server.admin import AdminServicer
 from otpgate.server.handlers import method_table
 from otpgate.server.keys import check_key_location, load_keyring
+from otpgate.server.monitor import DatabaseMonitor, set_health
 from otpgate.server.pam import PamServicer
 from otpgate.server.relay import Budgets, CallerRegistry, UserSocketRelay
 from otpgate.server.user import UserServicer
 from otpgate.server.user_server import UserServer
-from otpgate.store.sqlite import SQLiteStore
+from otpgate.store import backends
 from otpgate.v1 import otpgate_pb2
 
 log = logging.getLogger("otpgated")
@@ -100,9 +101,11 @@ class Socket:
         if self.gid is not None:
             os.chown(self.path, -1, self.gid)
         os.chmod(self.path, self.mode)
-        for name in ("", *self.names):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.set_serving(True)
         log.info("listening socket=%s mode=%04o", self.path, self.mode)
+
+    def set_serving(self, serving: bool) -> None:
+        set_health(self.health, self.names, serving)
 
     def stop(self, grace: float) -> threading.Event:
         self.health.enter_graceful_shutdown()
@@ -172,18 +175,26 @@ def _prepare_dir(path: str, mode: int) -> None:
     prepare_dir(path, mode, exact=not mode & 0o077, subject=f"directory {path}")
 
 
-def _open_store(config: daemon_config.DaemonConfig) -> Store:
-    if not config.database_url:
-        return SQLiteStore(config.database)
-    try:
-        # Only fleets need it: `pip install 'otpgate[postgres]'`.
-        from otpgate.store.postgres import PostgresStore
-    except ImportError as exc:
-        raise ConfigError(
-            f"database_url needs the PostgreSQL driver ({exc.name} is missing): "
-            "pip install 'otpgate[postgres]'"
-        ) from None
-    return PostgresStore(config.database_url, password_file=config.database_password_file or None)
+def open_daemon_store(config: daemon_config.DaemonConfig, *, upgrade: bool = False) -> Store:
+    """The store the daemon's configuration names (also `otpgated upgrade-schema`'s)."""
+    return backends.open_store(
+        config.database_url or config.database,
+        password_file=_database_password_file(config),
+        timeout=config.database_timeout,
+        upgrade=upgrade,
+        host=os.uname().nodename,
+    )
+
+
+def _database_password_file(config: daemon_config.DaemonConfig) -> str | None:
+    # As with the key: a systemd credential (LoadCredential=otpgate.dbpassword:...)
+    # wins, so a unit can hand the password over without a file of ours.
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        path = os.path.join(credentials, config.database_password_credential)
+        if os.path.exists(path):
+            return path
+    return config.database_password_file or None
 
 
 def _admin_gid(name: str) -> int:
@@ -211,7 +222,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
     _prepare_dir(private_dir, 0o700)
     gid = _admin_gid(config.admin_group)
     budgets = _user_budgets(config)
-    store = _open_store(config)
+    store = open_daemon_store(config)
     relay: UserSocketRelay | None = None
     try:
         keyring = load_keyring(config, store)
@@ -266,9 +277,24 @@ def run(config: daemon_config.DaemonConfig) -> int:
             config.database_where,
             keyring.primary_id,
         )
+
+        def tell_health(serving: bool) -> None:
+            for server in (admin, user, pam):
+                server.set_serving(serving)
+
+        monitor = DatabaseMonitor(store, tell_health)
+        monitor.start()
         sdnotify.notify("READY=1")
         interval = sdnotify.watchdog_interval()
-        healthy = lambda: store.healthy() and relay.alive() and user.alive()  # noqa: E731
+        # Not "the database answers": see server.monitor. A probe is bounded by the
+        # store's timeout (SQLite's by its 5 s lock wait), one runs every second.
+        probe_bound = 2.0 + max(config.database_timeout, 5.0)
+        local_store = not config.database_url
+
+        def healthy() -> bool:
+            store_ok = monitor.fresh(probe_bound) and (monitor.serving or not local_store)
+            return store_ok and relay.alive() and user.alive()
+
         watchdog = sdnotify.Watchdog(interval, healthy) if interval else None
         if watchdog:
             watchdog.start()
@@ -277,6 +303,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
         sdnotify.notify("STOPPING=1")
         if watchdog:
             watchdog.stop()
+        monitor.stop()
         log.info("stopping: draining in-flight calls for up to %.0fs", config.shutdown_grace)
         relay.stop_accepting()
         done = [s.stop(config.shutdown_grace) for s in (admin, user, pam)]
@@ -300,9 +327,12 @@ def _start_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in maintenance.COMMANDS:
+        return maintenance.run(args)
     _start_logging()
     try:
-        config = daemon_config.load(argv)
+        config = daemon_config.load(args)
         logging.getLogger().setLevel(config.log_level.upper())
         return run(config)
     except OtpgateError as exc:

@@ -1,16 +1,22 @@
 """PamGate on pam.sock (root only): the hook's questions, answered in the reply.
 
-A non-OK status always means "the daemon failed"; every decision, including
-"bad input", travels as a Verdict so the hook's fail mode only acts on failures.
+A non-OK status always means "the daemon failed" (the hook denies); every
+decision, including "bad input", travels as a Verdict. One verdict decides
+nothing: UNAVAILABLE, when the shared database did not answer within its bound,
+so that the hook's fail mode acts as it does for an unreachable daemon. Every
+other failure (StoreError included) stays a failure and denies.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 
 from otpgate.core.gate import Decision, Gate, Verdict
 from otpgate.core.ports import PasswordChecker
 from otpgate.core.service import TwoFactorService
+from otpgate.errors import StoreUnavailable
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
@@ -34,6 +40,14 @@ def _decision(decision: Decision) -> pb.PamDecision:
     )
 
 
+def _decide(ask: Callable[[], Decision]) -> pb.PamDecision:
+    try:
+        return _decision(ask())
+    except StoreUnavailable:
+        # The reason is in the daemon's health log (database_unreachable), once.
+        return pb.PamDecision(verdict=pb.VERDICT_UNAVAILABLE)
+
+
 def _bad_service(name: str) -> bool:
     return not (0 < len(name) <= _MAX_SERVICE and name.isascii() and name.isprintable())
 
@@ -46,13 +60,15 @@ class PamServicer(pb_grpc.PamGateServicer):
     def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if _bad_service(request.service):
             return _decision(Decision(Verdict.DENY))
-        return _decision(self._gate.check(request.username, request.service))
+        return _decide(lambda: self._gate.check(request.username, request.service))
 
     @rpc
     def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if _bad_service(request.service):
             return _decision(Decision(Verdict.DENY))
-        return _decision(self._gate.verify(request.username, request.service, request.authtok))
+        return _decide(
+            lambda: self._gate.verify(request.username, request.service, request.authtok)
+        )
 
     @rpc
     def VerifySinglePrompt(
@@ -60,6 +76,8 @@ class PamServicer(pb_grpc.PamGateServicer):
     ) -> pb.PamDecision:
         if _bad_service(request.service):
             return _decision(Decision(Verdict.DENY))
-        return _decision(
-            self._gate.verify_single_prompt(request.username, request.service, request.authtok)
+        return _decide(
+            lambda: self._gate.verify_single_prompt(
+                request.username, request.service, request.authtok
+            )
         )

@@ -28,6 +28,7 @@ _STATUS: list[tuple[type[errors.OtpgateError], grpc.StatusCode]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])

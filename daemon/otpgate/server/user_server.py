@@ -36,6 +36,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 
 from otpgate.core.throttle import LineBudget
+from otpgate.server.monitor import set_health
 from otpgate.server.relay import CallerRegistry
 
 log = logging.getLogger("otpgated")
@@ -204,9 +205,11 @@ class UserServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         os.chmod(self.path, 0o600)
-        for name in ("", *self.names):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.set_serving(True)
         log.info("listening socket=%s mode=0600 (behind user.sock)", self.path)
+
+    def set_serving(self, serving: bool) -> None:
+        set_health(self.health, self.names, serving)
 
     async def _start(self) -> None:
         server = grpc.aio.server(options=self._options, maximum_concurrent_rpcs=4096)

@@ -11,10 +11,16 @@ on the primary key (INSERT ... ON CONFLICT), and exactly one wins.
 Nothing is cached in the process: several daemons share the database, so the
 settings are read at every call. Every call is bounded in time: connecting
 (connect_timeout), waiting for a pooled connection (the pool's timeout) and
-every statement (statement_timeout, lock_timeout), so a dead database fails a
-call with StoreError within about `timeout` seconds, never hangs; a broken
-pooled connection is noticed before use and replaced, so the store recovers by
-itself once the database is back.
+every statement (statement_timeout, lock_timeout), and, for a server that is
+stuck rather than gone, a client-side deadline on every conversation
+(store.deadlines): a dead or frozen database fails a call with StoreUnavailable
+within about `timeout` seconds, never hangs. A broken pooled connection is
+noticed before use (itself under a deadline) and replaced, so the store recovers
+by itself once the database is back.
+
+Only a database that cannot be reached or does not answer in time is
+StoreUnavailable (the hook's fail mode may act on it); any other failure (a
+constraint, a full disk on the server, a bug) is StoreError, and denies.
 """
 
 from __future__ import annotations
@@ -24,26 +30,28 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import psycopg.conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
-from otpgate.errors import ConfigError, InvalidArgument, StoreError
+from otpgate.errors import ConfigError, InvalidArgument, StoreError, StoreUnavailable
+from otpgate.store import schema
+from otpgate.store.deadlines import Deadlines
 
 log = logging.getLogger("otpgated")
 
-SCHEMA_VERSION = 1
 _POOL_MAX = 8  # connections per store: more threads wait their turn (bounded by `timeout`)
 _MIGRATION_LOCK = 0x6F747067  # "otpg": advisory lock serialising daemons that start at once
 
-# Version 1, as SQLite's: same tables, same columns, same checks.
+# Version 1, as SQLite's: same tables, same columns, same checks; store.schema's
+# migrations bring it up to date.
 _SCHEMA_V1 = """
 CREATE TABLE meta (
     name  TEXT PRIMARY KEY,
@@ -83,6 +91,9 @@ CREATE TABLE audit_events (
 );
 """
 
+# Text columns that key a table's rows (the others are numbers or bytes).
+_TEXT_KEYS = frozenset({"name", "username"})
+
 _COLUMNS = (
     "username",
     "uid",
@@ -101,7 +112,7 @@ _SECRET_COLUMNS = ", ".join(_COLUMNS)
 _PLACEHOLDERS = ", ".join(["%s"] * len(_COLUMNS))
 # A new secret replaces every column of the old row (and makes it active).
 _REPLACE = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:]) + ", status = 'active'"
-_AUDIT = "INSERT INTO audit_events (at, event, username, detail) VALUES (%s, %s, %s, %s)"
+_AUDIT = "INSERT INTO audit_events (at, event, username, detail, host) VALUES (%s, %s, %s, %s, %s)"
 
 
 def read_password_file(path: str) -> str:
@@ -144,10 +155,22 @@ class PostgresStore:
     """core.ports.Store on a PostgreSQL database. Thread-safe: a pool of connections,
     one per call at a time."""
 
-    def __init__(self, url: str, *, password_file: str | None = None, timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password_file: str | None = None,
+        timeout: float = 3.0,
+        upgrade: bool = False,
+        host: str = "",
+    ) -> None:
         if not timeout > 0:
             raise ConfigError(f"database timeout must be positive, not {timeout}")
         self.timeout = timeout
+        self.host = host  # written into every audit row
+        self.upgraded_from: int | None = None  # the version an upgrade started from
+        self._deadlines = Deadlines()
+        self._connect_error: psycopg.Error | None = None
         try:
             params = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -176,16 +199,18 @@ class PostgresStore:
                 raise ConfigError("database URL has a password and a password file is given")
             # Given to libpq beside the URL, never written into it (nor into a message).
             kwargs["password"] = read_password_file(password_file)
+        self._url, self._kwargs = url, kwargs
         self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
             url,
             kwargs=kwargs,
+            connection_class=self._recording_connection_class(),
             min_size=1,
             max_size=_POOL_MAX,
             open=False,
             timeout=timeout,
             # A connection broken while idle in the pool (the server restarted) is
             # found out before use and replaced, not handed to a login.
-            check=ConnectionPool.check_connection,
+            check=self._check,
             # Keep trying to reconnect, however long the database is gone: each call
             # waits only `timeout` for a connection anyway.
             reconnect_timeout=max(timeout * 2, 5.0),
@@ -196,7 +221,7 @@ class PostgresStore:
         # timed out), and it creates or checks the schema before the pool opens.
         try:
             with psycopg.connect(url, **kwargs) as conn:
-                self._migrate(conn)
+                self._migrate(conn, upgrade)
         except psycopg.errors.QueryCanceled:
             raise StoreError(f"database {self.where} did not answer within {timeout:g} s") from None
         except psycopg.Error as exc:
@@ -209,19 +234,63 @@ class PostgresStore:
 
     @staticmethod
     def _reconnect_failed(pool: ConnectionPool[Any]) -> None:
-        log.warning("database_unreachable pool=%s: reconnecting at the next call", pool.name)
+        # Once per pooled connection: the monitor (server.monitor) tells the outage once.
+        log.debug("database_pool_reconnect_failed pool=%s: retried at the next call", pool.name)
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        deadline = self._deadlines.start(conn.pgconn.socket, self.timeout)
+        try:
+            conn.execute("")
+        finally:
+            self._deadlines.finish(deadline)
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        deadline = None
         try:
             with self._pool.connection(timeout=self.timeout) as conn:
-                yield conn
-        except psycopg.errors.QueryCanceled:
-            raise StoreError(
-                f"database {self.where} did not answer within {self.timeout:g} s"
-            ) from None
+                deadline = self._deadlines.start(conn.pgconn.socket, self.timeout)
+                try:
+                    yield conn
+                finally:
+                    self._deadlines.finish(deadline)
         except psycopg.Error as exc:
-            raise StoreError(f"database {self.where}: {_clean(exc)}") from None
+            raise self._failure(exc, cut=deadline is not None and deadline.expired) from None
+
+    def _recording_connection_class(self) -> type[psycopg.Connection[tuple[Any, ...]]]:
+        """A connection class that keeps why the pool's last connection attempt
+        failed: the pool itself only says that none came in time, and "a
+        certificate that does not verify" must not pass for "the server is down"."""
+        store = self
+
+        class RecordingConnection(psycopg.Connection[tuple[Any, ...]]):
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.Error as exc:
+                    store._connect_error = exc
+                    raise
+                store._connect_error = None
+                return conn
+
+        return RecordingConnection
+
+    def _failure(self, exc: psycopg.Error, *, cut: bool) -> StoreError:
+        """StoreUnavailable for an outage (no connection, no answer in time, the
+        connection lost, the server shutting down or starting); StoreError for
+        everything else, a refused connection (TLS, authentication) included."""
+        late = f"database {self.where} did not answer within {self.timeout:g} s"
+        if cut or isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+            return StoreUnavailable(late)
+        if isinstance(exc, PoolTimeout):
+            refusal = self._connect_error
+            if refusal is not None and not _is_outage(refusal):
+                return StoreError(f"database {self.where} refused us: {_clean(refusal)}")
+            return StoreUnavailable(f"{late} (no connection: it is unreachable or overloaded)")
+        if _is_outage(exc):
+            return StoreUnavailable(f"database {self.where} unreachable: {_clean(exc)}")
+        return StoreError(f"database {self.where}: {_clean(exc)}")
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
@@ -232,26 +301,31 @@ class PostgresStore:
         with self._connection() as conn:
             return conn.execute(sql, params).fetchall()
 
-    def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]], upgrade: bool) -> None:
+        # One transaction (PostgreSQL's DDL is transactional): creation or upgrade,
+        # and its version, all or nothing.
         with conn.transaction():
             # Daemons that start at once take turns: one creates, the others check.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             row = conn.execute("SELECT to_regclass('meta')").fetchone()
             if row is None or row[0] is None:
                 conn.execute(_SCHEMA_V1)
-                conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
-                )
+                conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
                 conn.execute(
                     "INSERT INTO settings VALUES (1, %s)", (json.dumps(Settings().to_dict()),)
                 )
-                return
-            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-            if version != SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.where} has schema version {version}; this otpgated "
-                    f"knows version {SCHEMA_VERSION}"
+                found, upgrade = 1, True  # a new database: up to date, not "upgraded"
+            else:
+                row = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'schema_version'"
+                ).fetchone()
+                found = schema.stored_version(row)
+                self.upgraded_from = found if found < schema.SCHEMA_VERSION else None
+            for version in schema.steps(found, upgrade=upgrade, where=self.where):
+                for statement in schema.MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute(
+                    "UPDATE meta SET value = %s WHERE name = 'schema_version'", (str(version),)
                 )
 
     # -- settings -------------------------------------------------------------------
@@ -271,7 +345,7 @@ class PostgresStore:
             conn.execute(
                 "UPDATE settings SET value = %s WHERE id = 1", (json.dumps(settings.to_dict()),)
             )
-            conn.execute(_AUDIT, (now, "settings_updated", "", audit))
+            conn.execute(_AUDIT, (now, "settings_updated", "", audit, self.host))
 
     # -- key check --------------------------------------------------------------------
 
@@ -343,7 +417,13 @@ class PostgresStore:
             conn.execute("DELETE FROM recovery_codes WHERE username = %s", (record.username,))
             conn.execute(
                 _AUDIT,
-                (record.created_at, "secret_renewed", record.username, f"uid={record.uid}"),
+                (
+                    record.created_at,
+                    "secret_renewed",
+                    record.username,
+                    f"uid={record.uid}",
+                    self.host,
+                ),
             )
         return True
 
@@ -365,9 +445,9 @@ class PostgresStore:
         # One statement: the row and its audit row go together or not at all.
         rows = self._query(
             """WITH gone AS (DELETE FROM secrets WHERE username = %s RETURNING username)
-               INSERT INTO audit_events (at, event, username, detail)
-               SELECT %s, 'secret_unset', username, '' FROM gone RETURNING id""",
-            (username, now),
+               INSERT INTO audit_events (at, event, username, detail, host)
+               SELECT %s, 'secret_unset', username, '', %s FROM gone RETURNING id""",
+            (username, now, self.host),
         )
         return bool(rows)
 
@@ -391,9 +471,18 @@ class PostgresStore:
                    WHERE username = %s AND uid = %s AND status = 'active'
                        AND failures >= %s AND lockouts = %s
                    RETURNING username)
-               INSERT INTO audit_events (at, event, username, detail)
-               SELECT %s, 'locked', username, %s FROM locked RETURNING id""",
-            (until, username, uid, count, lockouts, now, f"failures={count} until={until}"),
+               INSERT INTO audit_events (at, event, username, detail, host)
+               SELECT %s, 'locked', username, %s, %s FROM locked RETURNING id""",
+            (
+                until,
+                username,
+                uid,
+                count,
+                lockouts,
+                now,
+                f"failures={count} until={until}",
+                self.host,
+            ),
         )
         return bool(rows)
 
@@ -409,6 +498,63 @@ class PostgresStore:
 
     # -- health -----------------------------------------------------------------------
 
+    # -- copying a whole database (otpgated migrate) ------------------------------------
+
+    @contextmanager
+    def _bulk(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        """A connection of its own for copying a whole database: no statement bound
+        (a million rows take longer than a login may), outside the pool."""
+        try:
+            with psycopg.connect(self._url, **self._kwargs) as conn:
+                conn.execute("SET statement_timeout = 0")
+                conn.execute("SET idle_in_transaction_session_timeout = 0")
+                yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"database {self.where}: {_clean(exc)}") from None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Callable[[str], Iterator[tuple[Any, ...]]]]:
+        """Every table's rows (store.schema.TABLES' columns, in key order), all as of
+        one moment (a REPEATABLE READ transaction), streamed by a server-side cursor."""
+        with self._bulk() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+            def rows(table: str) -> Iterator[tuple[Any, ...]]:
+                columns, key = schema.TABLES[table]
+                # COLLATE "C": byte order, as SQLite's, so two copies compare row by row.
+                order = ", ".join(
+                    f'{k.strip()} COLLATE "C"' if k.strip() in _TEXT_KEYS else k.strip()
+                    for k in key.split(",")
+                )
+                with conn.cursor(name=f"otpgate_copy_{table}") as cursor:
+                    cursor.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")
+                    yield from cursor
+
+            yield rows
+
+    def is_empty(self) -> bool:
+        """Nothing but what a new database holds: no key check, secret, code or event."""
+        return not self._query(
+            "SELECT 1 FROM meta WHERE name = 'key_check' UNION ALL SELECT 1 FROM secrets "
+            "UNION ALL SELECT 1 FROM recovery_codes UNION ALL SELECT 1 FROM audit_events LIMIT 1"
+        )
+
+    def fill(self, rows: Callable[[str], Iterable[tuple[Any, ...]]]) -> None:
+        """Replace everything with `rows(table)` for every table, in one transaction
+        (COPY, so a million rows take seconds; a failure leaves the database as it was)."""
+        with self._bulk() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(f"TRUNCATE {', '.join(reversed(schema.TABLES))}")
+            for table, (columns, _) in schema.TABLES.items():
+                with conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                    for row in rows(table):
+                        copy.write_row(row)
+            # Events made after the copy number on from the copied ones.
+            conn.execute(
+                "SELECT setval(pg_get_serial_sequence('audit_events', 'id'), "
+                "COALESCE((SELECT max(id) FROM audit_events), 0) + 1, false)"
+            )
+
     def healthy(self) -> bool:
         """The database answers (the watchdog's question); False if it is stuck or gone."""
         try:
@@ -419,6 +565,46 @@ class PostgresStore:
 
     def close(self) -> None:
         self._pool.close(timeout=self.timeout)
+        self._deadlines.stop()
+
+
+# libpq's words for "nobody answered" (it gives no SQLSTATE for its own failures).
+# A refusal (TLS, password, pg_hba, no such database) is not among them: that
+# is a configuration error or an attack, and must deny, not fall to the fail mode.
+_OUTAGE_WORDS = (
+    "connection refused",
+    "no such file or directory",  # no socket: the server is not running
+    "timeout expired",
+    "timed out",
+    "server closed the connection",
+    "connection reset",
+    "no route to host",
+    "network is unreachable",
+    "could not translate host name",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "too many clients",
+    "could not receive data",
+    "could not send data",
+    "consuming input failed",
+    "eof detected",
+    "connection is lost",
+    "the connection is closed",
+    "connection is bad",
+)
+
+
+def _is_outage(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate or ""
+    if state:
+        # 08: connection exception; 57P: shutting down, crashed, cannot connect now;
+        # 53300: too many connections.
+        return state.startswith(("08", "57P")) or state == "53300"
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    text = str(exc).lower()
+    return any(words in text for words in _OUTAGE_WORDS)
 
 
 def _clean(exc: BaseException) -> str:

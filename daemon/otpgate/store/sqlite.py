@@ -11,7 +11,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,15 +19,16 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
 from otpgate.errors import InvalidArgument, StoreError
+from otpgate.store import schema
 
 log = logging.getLogger("otpgated")
 
-SCHEMA_VERSION = 1
 _CHECKPOINT_INTERVAL = 1.0  # seconds
 _FALLBACK_CHECKPOINT_PAGES = 10_000  # about 40 MB of log
 
-# Version 1. Room left for what comes next: `status` for unconfirmed (pending)
-# secrets, a recovery_codes table, audit events, key ids for rotation.
+# Version 1; store.schema's migrations bring it up to date. Room left for what
+# comes next: `status` for unconfirmed (pending) secrets, a recovery_codes table,
+# key ids for rotation.
 _SCHEMA_V1 = """
 CREATE TABLE meta (
     name  TEXT PRIMARY KEY,
@@ -77,8 +78,10 @@ class SQLiteStore:
     """core.ports.Store in one SQLite file. Thread-safe: one connection, one lock
     (lookups take microseconds)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, upgrade: bool = False, host: str = "") -> None:
         self.path = path
+        self.host = host  # written into every audit row
+        self.upgraded_from: int | None = None  # the version an upgrade started from
         try:
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -95,7 +98,11 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._durable = True
         self._settings: Settings | None = None
-        self._migrate()
+        try:
+            self._migrate(upgrade)
+        except BaseException:
+            self._db.close()
+            raise
         try:
             self._checkpointer = _Checkpointer(path)
         except sqlite3.Error as exc:
@@ -139,7 +146,8 @@ class SQLiteStore:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def _migrate(self) -> None:
+    def _migrate(self, upgrade: bool) -> None:
+        # One transaction: creation or upgrade, and its version, all or nothing.
         with self._transaction() as db:
             has_meta = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
@@ -148,17 +156,20 @@ class SQLiteStore:
                 for statement in _SCHEMA_V1.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
                 db.execute(
                     "INSERT INTO settings VALUES (1, ?)", (json.dumps(Settings().to_dict()),)
                 )
-                return
-            row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-            if version != SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.path} has schema version {version}; this otpgated "
-                    f"knows version {SCHEMA_VERSION}"
+                found, upgrade = 1, True  # a new database: up to date, not "upgraded"
+            else:
+                row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+                found = schema.stored_version(row)
+                self.upgraded_from = found if found < schema.SCHEMA_VERSION else None
+            for version in schema.steps(found, upgrade=upgrade, where=self.path):
+                for statement in schema.MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
                 )
 
     # -- settings -------------------------------------------------------------------
@@ -312,13 +323,61 @@ class SQLiteStore:
 
     # -- audit ----------------------------------------------------------------------
 
-    @staticmethod
-    def _audit(db: sqlite3.Connection, at: int, event: str, username: str, detail: str) -> None:
+    def _audit(
+        self, db: sqlite3.Connection, at: int, event: str, username: str, detail: str
+    ) -> None:
         # `at` from the service's clock, not SQLite's: one clock for locks and audit.
         db.execute(
-            "INSERT INTO audit_events (at, event, username, detail) VALUES (?, ?, ?, ?)",
-            (at, event, username, detail),
+            "INSERT INTO audit_events (at, event, username, detail, host) VALUES (?, ?, ?, ?, ?)",
+            (at, event, username, detail, self.host),
         )
+
+    # -- copying a whole database (otpgated migrate) ------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Callable[[str], Iterator[tuple[Any, ...]]]]:
+        """Every table's rows (store.schema.TABLES' columns, in key order), all as of
+        one moment: a read transaction on a connection of its own (WAL keeps it
+        steady while writers go on), so a migration never holds the store lock."""
+        reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+
+            def rows(table: str) -> Iterator[tuple[Any, ...]]:
+                columns, key = schema.TABLES[table]
+                yield from reader.execute(
+                    f"SELECT {', '.join(columns)} FROM {table} ORDER BY {key}"
+                )
+
+            yield rows
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read database {self.path}: {exc}") from None
+        finally:
+            reader.close()
+
+    def is_empty(self) -> bool:
+        """Nothing but what a new database holds: no key check, secret, code or event."""
+        return not self._query(
+            "SELECT 1 FROM meta WHERE name = 'key_check' UNION ALL SELECT 1 FROM secrets "
+            "UNION ALL SELECT 1 FROM recovery_codes UNION ALL SELECT 1 FROM audit_events LIMIT 1"
+        )
+
+    def fill(self, rows: Callable[[str], Iterable[tuple[Any, ...]]]) -> None:
+        """Replace everything with `rows(table)` for every table, in one transaction
+        (a crash leaves the database as it was)."""
+        try:
+            with self._transaction() as db:
+                for table in schema.TABLES:
+                    db.execute(f"DELETE FROM {table}")
+                for table, (columns, _) in schema.TABLES.items():
+                    marks = ", ".join("?" * len(columns))
+                    db.executemany(
+                        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+                        rows(table),
+                    )
+                self._settings = None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write database {self.path}: {exc}") from None
 
     def healthy(self) -> bool:
         """The database answers (the watchdog's question); False if it is stuck or gone."""

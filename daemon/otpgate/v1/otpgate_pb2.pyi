@@ -115,12 +115,18 @@ class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verdict.Value
     """Too many wrong codes: keep out; retry_after_seconds says how long."""
     VERDICT_NOT_ENROLLED: _Verdict.ValueType  # 6
     """No secret while enrollment is required: keep out, tell how to enroll."""
+    VERDICT_UNAVAILABLE: _Verdict.ValueType  # 7
+    """Nothing was decided: the shared database did not answer within its bound
+    (database_timeout). Like an unreachable daemon, the hook's fail mode
+    decides (fail=secure denies). Never sent for a failure of otpgated itself.
+    """
 
 class Verdict(_Verdict, metaclass=_VerdictEnumTypeWrapper):
     """---------------------------------------------------------------------------
     PAM hook API, on pam.sock (root only). The decision travels in the reply;
-    a non-OK status always means "the daemon failed", which is what the hook's
-    fail mode acts on.
+    a non-OK status always means "the daemon failed", and the hook denies on it.
+    The hook's fail mode acts only where nobody could decide: the daemon did
+    not answer, or it answered VERDICT_UNAVAILABLE (its database did not).
     ---------------------------------------------------------------------------
     """
 
@@ -138,6 +144,11 @@ VERDICT_LOCKED: Verdict.ValueType  # 5
 """Too many wrong codes: keep out; retry_after_seconds says how long."""
 VERDICT_NOT_ENROLLED: Verdict.ValueType  # 6
 """No secret while enrollment is required: keep out, tell how to enroll."""
+VERDICT_UNAVAILABLE: Verdict.ValueType  # 7
+"""Nothing was decided: the shared database did not answer within its bound
+(database_timeout). Like an unreachable daemon, the hook's fail mode
+decides (fail=secure denies). Never sent for a failure of otpgated itself.
+"""
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
 class _AuthMechanism:

@@ -1,0 +1,86 @@
+"""The schema's versions, shared by every backend: what each version adds, and the
+rule for a database of another version (pure).
+
+A new database is made at version 1 (each backend's own DDL, the same tables and
+columns) and then brought up through every migration here, so a fresh database
+and an upgraded one are the same by construction and every migration runs in
+every test. A migration is portable SQL, run in one transaction with the version
+bump: a crash leaves the old version or the new one.
+
+otpgated never guesses: a database newer than it knows is refused (an older
+otpgated could misread what it does not know), and an older one is upgraded
+only when told (`otpgated upgrade-schema`), because an upgrade is a one-way step
+every daemon sharing that database must be ready for.
+"""
+
+from __future__ import annotations
+
+from otpgate.errors import StoreError
+
+# Every table, its columns in a fixed order, and the key that orders its rows:
+# what `otpgated migrate` copies and compares, row by row.
+TABLES: dict[str, tuple[tuple[str, ...], str]] = {
+    "meta": (("name", "value"), "name"),
+    "settings": (("id", "value"), "id"),
+    "secrets": (
+        (
+            "username",
+            "uid",
+            "status",
+            "key_id",
+            "nonce",
+            "ciphertext",
+            "otp_digits",
+            "interval",
+            "created_at",
+            "last_step",
+            "failures",
+            "lockouts",
+            "locked_until",
+        ),
+        "username",
+    ),
+    "recovery_codes": (("username", "code_hash", "used_at"), "username, code_hash"),
+    "audit_events": (("id", "at", "event", "username", "detail", "host"), "id"),
+}
+
+# version: the statements that bring a database of the version before to it.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # Many daemons write one audit table in a fleet: which host did it. Audit
+    # queries go by time.
+    2: (
+        "ALTER TABLE audit_events ADD COLUMN host TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX audit_events_at ON audit_events (at)",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def stored_version(row: tuple[object, ...] | None) -> int:
+    """The version in a meta row; 0 (refused by steps) if missing or garbled."""
+    try:
+        return int(str(row[0])) if row else 0
+    except ValueError:
+        return 0
+
+
+def steps(found: int, *, upgrade: bool, where: str) -> list[int]:
+    """The migrations to run on a database of version `found`, in order.
+
+    Raises StoreError for a database this otpgated must not use: newer than it
+    knows, or older while no upgrade was asked for.
+    """
+    if found < 1:
+        raise StoreError(f"database {where} has no schema version: it is damaged or not ours")
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"database {where} has schema version {found}, newer than this otpgated "
+            f"knows ({SCHEMA_VERSION}): upgrade otpgated"
+        )
+    if found < SCHEMA_VERSION and not upgrade:
+        raise StoreError(
+            f"database {where} has schema version {found}; this otpgated needs "
+            f"{SCHEMA_VERSION}: back it up, then run `otpgated upgrade-schema` "
+            "(with the same database options) once"
+        )
+    return list(range(found + 1, SCHEMA_VERSION + 1))
