@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+from tests.store.pg_harness import PgServer, skip_reason
 
 REPO = Path(__file__).resolve().parent.parent
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
@@ -258,3 +259,30 @@ def cli_python() -> Iterator[tuple[str, dict[str, str]]]:
         yield str(home / "venv/bin/python"), {}
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# -- PostgreSQL: one private server per session (tests/store/pg_harness.py), here so
+# that every module that asks for it shares the same one.
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture(scope="session")
+def pg_tls_server() -> Iterator[PgServer]:
+    """A second server that also listens on 127.0.0.1 and lets in only TLS there."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PgServer(tls=True)
+    try:
+        yield server
+    finally:
+        server.remove()

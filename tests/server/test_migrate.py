@@ -22,7 +22,6 @@ import pyotp
 from otpgate.store import schema, sqlite
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
-from tests.store.conftest import pg_server  # noqa: F401 - the session's PostgreSQL
 from tests.store.pg_harness import PgServer
 
 
@@ -95,7 +94,7 @@ def _used_daemon(
 
 
 def test_migrate_there_and_back_keeps_every_row(
-    pg_server: PgServer,  # noqa: F811
+    pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
     user: LocalUser,
     tmp_path: Path,
@@ -138,7 +137,7 @@ def test_migrate_there_and_back_keeps_every_row(
 
 
 def test_migrate_refuses_what_it_must_not_touch(
-    pg_server: PgServer,  # noqa: F811
+    pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
     user: LocalUser,
     tmp_path: Path,

@@ -16,7 +16,6 @@ import pyotp
 from otpgate.core.crypto import create_key_file
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
-from tests.store.conftest import pg_server  # noqa: F401 - the session's PostgreSQL
 from tests.store.pg_harness import PgServer
 
 
@@ -60,7 +59,7 @@ def _race(code: str, username: str, daemons: list[Daemon]) -> list[int]:
 
 
 def test_two_daemons_one_database_accept_a_code_once(
-    pg_server: PgServer,  # noqa: F811
+    pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
     user: LocalUser,
 ) -> None:
@@ -87,7 +86,7 @@ def test_two_daemons_one_database_accept_a_code_once(
 
 
 def test_a_daemon_with_another_key_refuses_the_database(
-    pg_server: PgServer,  # noqa: F811
+    pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
 ) -> None:
     url = _url(pg_server, pg_server.create_database())
@@ -108,7 +107,7 @@ def test_database_options_are_checked(make_daemon: Callable[..., Daemon]) -> Non
 
 
 def test_concurrent_wrong_codes_through_two_daemons_check_at_most_the_threshold(
-    pg_server: PgServer,  # noqa: F811
+    pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
     user: LocalUser,
 ) -> None:

@@ -24,7 +24,6 @@ from tests.conftest import Daemon, LocalUser
 from tests.server.test_postgres_daemons import _pair, _url
 from tests.ssh.conftest import Login, Sshd, ssh_login
 from tests.ssh.test_flows import enable, enroll, wrong
-from tests.store.conftest import pg_server  # noqa: F401 - the session's PostgreSQL
 from tests.store.pg_harness import PgServer
 
 
@@ -38,7 +37,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(
-    pg_server: PgServer,  # noqa: F811
+    pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
     make_sshd: Callable[..., Sshd],
 ) -> Fleet:
