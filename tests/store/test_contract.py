@@ -386,3 +386,87 @@ def test_state_outlives_the_store_that_wrote_it(backend: Backend) -> None:
     first.close()
     record = _current(backend.open())
     assert (record.last_step, record.failures) == (42, 1)
+
+
+# -- unlock, pending secrets, recovery codes ------------------------------------------
+
+
+def test_unlock_clears_the_lock_and_counters_only(backend: Backend, store: Store) -> None:
+    store.put_secret(_record(failures=4, lockouts=2, locked_until=500, last_step=9))
+    assert store.unlock("alice", 1000, now=100)
+    record = _current(store)
+    assert (record.failures, record.lockouts, record.locked_until) == (0, 0, 0)
+    assert record.last_step == 9 and record.sealed == _record().sealed
+    assert not store.unlock("alice", 1001, now=100)  # another uid's account
+    assert not store.unlock("bob", 1000, now=100)
+    assert backend.audit(store)[-1] == (100, "unlocked", "alice")
+
+
+def test_a_pending_secret_waits_beside_the_active_one(backend: Backend, store: Store) -> None:
+    store.put_secret(_record(last_step=5))
+    new = dataclasses.replace(_record(fill=b"p"), created_at=50)
+    store.put_pending(new, expires_at=950)
+    assert _current(store).sealed == _record().sealed  # the old one still works
+    pending = store.get_pending("alice")
+    assert pending is not None and pending[0].sealed == new.sealed and pending[1] == 950
+    assert not store.confirm_pending("alice", 1000, _record(fill=b"x").sealed, 7, now=60)
+    assert not store.confirm_pending("alice", 1000, new.sealed, 7, now=950)  # expired
+    assert not store.confirm_pending("alice", 1001, new.sealed, 7, now=60)  # another uid
+    assert store.confirm_pending("alice", 1000, new.sealed, 7, now=60)
+    active = _current(store)
+    assert active.sealed == new.sealed and active.last_step == 7 and active.failures == 0
+    assert store.get_pending("alice") is None
+    assert not store.confirm_pending("alice", 1000, new.sealed, 8, now=61)  # once
+    assert [e for _, e, _ in backend.audit(store)][-2:] == ["secret_pending", "secret_confirmed"]
+    assert store.key_ids_in_use() == {"k1"}
+
+
+def test_concurrent_confirmations_one_wins(backend: Backend, store: Store) -> None:
+    store.put_pending(_record(fill=b"p"), expires_at=10_000)
+    stores = [backend.open() for _ in range(4)]
+    won = _parallel(16, lambda i: stores[i % 4].confirm_pending(
+        "alice", 1000, _record(fill=b"p").sealed, 7, now=60))  # fmt: skip
+    assert won.count(True) == 1
+
+
+def test_unset_removes_a_pending_secret_too(store: Store) -> None:
+    store.put_pending(_record(fill=b"p"), expires_at=10_000)
+    assert store.delete_secret("alice", now=5)
+    assert store.get_pending("alice") is None
+
+
+def test_recovery_codes_are_spent_once_and_counted(backend: Backend, store: Store) -> None:
+    hashes = [bytes([i]) * 32 for i in range(10)]
+    assert not store.put_recovery_codes("alice", 1000, hashes, now=1)  # no secret yet
+    store.put_secret(_record(failures=3, locked_until=900))
+    assert store.put_recovery_codes("alice", 1000, hashes, now=1)
+    assert store.recovery_codes_left("alice") == 10
+    assert store.use_recovery_code("alice", 1000, [b"?" * 32, hashes[3]], now=5) == 9
+    record = _current(store)
+    assert (record.failures, record.locked_until) == (0, 0)  # as an accepted code
+    assert store.use_recovery_code("alice", 1000, [hashes[3]], now=6) is None  # spent
+    assert store.use_recovery_code("alice", 1001, [hashes[4]], now=6) is None  # other uid
+    assert store.put_recovery_codes("alice", 1000, hashes[:2], now=7)  # a new set replaces
+    assert store.recovery_codes_left("alice") == 2
+    store.put_secret(_record(fill=b"n"))  # a new secret comes without codes
+    assert store.recovery_codes_left("alice") == 0
+    events = [e for _, e, _ in backend.audit(store)]
+    assert events.count("recovery_codes_made") == 2 and events.count("recovery_code_used") == 1
+
+
+def test_concurrent_uses_of_one_recovery_code_one_wins(backend: Backend, store: Store) -> None:
+    store.put_secret(_record())
+    hashes = [bytes([i]) * 32 for i in range(10)]
+    store.put_recovery_codes("alice", 1000, hashes, now=1)
+    stores = [backend.open() for _ in range(4)]
+    results = _parallel(16, lambda i: stores[i % 4].use_recovery_code(
+        "alice", 1000, [hashes[0]], now=2))  # fmt: skip
+    assert results.count(9) == 1 and results.count(None) == 15
+
+
+def test_the_recovery_key_is_set_once(backend: Backend, store: Store) -> None:
+    first, second = Sealed("k1", b"a" * 12, b"x" * 48), Sealed("k1", b"b" * 12, b"y" * 48)
+    assert store.recovery_key() is None
+    assert store.init_recovery_key(first) == first
+    assert backend.open().init_recovery_key(second) == first
+    assert store.recovery_key() == first

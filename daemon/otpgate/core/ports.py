@@ -112,6 +112,55 @@ class Store(Protocol):
         the last one spent; False if it (or a later one) was spent already."""
         ...
 
+    def unlock(self, username: str, uid: int, *, now: int) -> bool:
+        """Clear the account's lock and counters (not its secret); audited at `now`.
+        False when the account (with this uid) has no secret."""
+        ...
+
+    # Confirmed enrollment: a renewed secret waits beside the active one.
+
+    def put_pending(self, record: SecretRecord, *, expires_at: int) -> None:
+        """Store `record` as the account's pending secret, replacing any pending one
+        (the active secret is untouched); audited at `record.created_at`."""
+        ...
+
+    def get_pending(self, username: str) -> tuple[SecretRecord, int] | None:
+        """The pending secret and when it expires, expired or not; None if none."""
+        ...
+
+    def confirm_pending(
+        self, username: str, uid: int, sealed: Sealed, step: int, *, now: int
+    ) -> bool:
+        """In one transaction: if the pending secret is still `sealed`, of this uid
+        and not expired at `now`, make it the active secret (replacing the old one
+        and its recovery codes) with `step` already spent, and drop it from pending.
+        False otherwise; of concurrent confirmations at most one succeeds."""
+        ...
+
+    # Recovery codes: only keyed hashes are stored (core.recovery).
+
+    def recovery_key(self) -> Sealed | None: ...
+
+    def init_recovery_key(self, sealed: Sealed) -> Sealed:
+        """Store `sealed` as the recovery-code key unless one is there already;
+        the one stored (so racing daemons agree on one)."""
+        ...
+
+    def put_recovery_codes(self, username: str, uid: int, hashes: list[bytes], *, now: int) -> bool:
+        """Replace the account's set of codes with `hashes`, in one transaction;
+        False if the account (with this uid) has no active secret."""
+        ...
+
+    def use_recovery_code(
+        self, username: str, uid: int, hashes: list[bytes], *, now: int
+    ) -> int | None:
+        """Spend the unused code whose hash is among `hashes` and clear the lock and
+        counters, in one transaction; how many are left, or None if none matched.
+        Of concurrent uses of one code at most one succeeds."""
+        ...
+
+    def recovery_codes_left(self, username: str) -> int: ...
+
     def healthy(self) -> bool:
         """The database answers within its bound (the watchdog's question)."""
         ...

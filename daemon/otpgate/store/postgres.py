@@ -42,6 +42,7 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
 from otpgate.errors import ConfigError, InvalidArgument, StoreError, StoreUnavailable
+from otpgate.store import rows as codec
 from otpgate.store import schema
 from otpgate.store.deadlines import Deadlines
 
@@ -94,21 +95,8 @@ CREATE TABLE audit_events (
 # Text columns that key a table's rows (the others are numbers or bytes).
 _TEXT_KEYS = frozenset({"name", "username"})
 
-_COLUMNS = (
-    "username",
-    "uid",
-    "key_id",
-    "nonce",
-    "ciphertext",
-    "otp_digits",
-    "interval",
-    "created_at",
-    "last_step",
-    "failures",
-    "lockouts",
-    "locked_until",
-)
-_SECRET_COLUMNS = ", ".join(_COLUMNS)
+_COLUMNS = codec.SECRET_NAMES
+_SECRET_COLUMNS = codec.SECRET_COLUMNS
 _PLACEHOLDERS = ", ".join(["%s"] * len(_COLUMNS))
 # A new secret replaces every column of the old row (and makes it active).
 _REPLACE = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:]) + ", status = 'active'"
@@ -322,7 +310,7 @@ class PostgresStore:
                 found = schema.stored_version(row)
                 self.upgraded_from = found if found < schema.SCHEMA_VERSION else None
             for version in schema.steps(found, upgrade=upgrade, where=self.where):
-                for statement in schema.MIGRATIONS[version]:
+                for statement in schema.statements(version, "postgres"):
                     conn.execute(statement)
                 conn.execute(
                     "UPDATE meta SET value = %s WHERE name = 'schema_version'", (str(version),)
@@ -368,25 +356,16 @@ class PostgresStore:
             )
 
     def key_ids_in_use(self) -> set[str]:
-        return {row[0] for row in self._query("SELECT DISTINCT key_id FROM secrets")}
+        rows = self._query(
+            "SELECT key_id FROM secrets UNION SELECT key_id FROM pending_secrets "
+            "UNION SELECT value::json->>'key_id' FROM meta WHERE name = 'recovery_key'"
+        )
+        return {row[0] for row in rows}
 
     # -- secrets --------------------------------------------------------------------
 
     def put_secret(self, record: SecretRecord, *, expected: object = ANY_SECRET) -> bool:
-        values = (
-            record.username,
-            record.uid,
-            record.sealed.key_id,
-            record.sealed.nonce,
-            record.sealed.ciphertext,
-            record.otp_digits,
-            record.interval,
-            record.created_at,
-            record.last_step,
-            record.failures,
-            record.lockouts,
-            record.locked_until,
-        )
+        values = codec.secret_values(record)
         insert = f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES ({_PLACEHOLDERS})"
         with self._transaction() as conn:
             if expected is ANY_SECRET:
@@ -432,24 +411,24 @@ class PostgresStore:
             f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE username = %s AND status = 'active'",
             (username,),
         )
-        return _record(rows[0]) if rows else None
+        return codec.secret_record(rows[0]) if rows else None
 
     def list_secrets(self) -> list[SecretRecord]:
         rows = self._query(
             f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE status = 'active' "
             'ORDER BY username COLLATE "C"'
         )
-        return [_record(row) for row in rows]
+        return [codec.secret_record(row) for row in rows]
 
     def delete_secret(self, username: str, *, now: int) -> bool:
-        # One statement: the row and its audit row go together or not at all.
-        rows = self._query(
-            """WITH gone AS (DELETE FROM secrets WHERE username = %s RETURNING username)
-               INSERT INTO audit_events (at, event, username, detail, host)
-               SELECT %s, 'secret_unset', username, '', %s FROM gone RETURNING id""",
-            (username, now, self.host),
-        )
-        return bool(rows)
+        # One transaction: the rows (active and pending) and their audit row together.
+        with self._transaction() as conn:
+            pending = conn.execute("DELETE FROM pending_secrets WHERE username = %s", (username,))
+            active = conn.execute("DELETE FROM secrets WHERE username = %s", (username,))
+            if not (pending.rowcount or active.rowcount):
+                return False
+            conn.execute(_AUDIT, (now, "secret_unset", username, "", self.host))
+        return True
 
     def count_attempt(self, username: str, uid: int, *, now: int) -> SecretRecord | None:
         rows = self._query(
@@ -459,7 +438,7 @@ class PostgresStore:
                 RETURNING {_SECRET_COLUMNS}""",
             {"now": now, "user": username, "uid": uid},
         )
-        return _record(rows[0]) if rows else None
+        return codec.secret_record(rows[0]) if rows else None
 
     def lock(
         self, username: str, uid: int, *, count: int, lockouts: int, until: int, now: int
@@ -497,6 +476,141 @@ class PostgresStore:
             return cursor.rowcount == 1
 
     # -- health -----------------------------------------------------------------------
+
+    def unlock(self, username: str, uid: int, *, now: int) -> bool:
+        rows = self._query(
+            """WITH cleared AS (
+                   UPDATE secrets SET failures = 0, lockouts = 0, locked_until = 0
+                   WHERE username = %s AND uid = %s AND status = 'active' RETURNING username)
+               INSERT INTO audit_events (at, event, username, detail, host)
+               SELECT %s, 'unlocked', username, '', %s FROM cleared RETURNING id""",
+            (username, uid, now, self.host),
+        )
+        return bool(rows)
+
+    # -- pending secrets (confirmed enrollment) ------------------------------------------
+
+    def put_pending(self, record: SecretRecord, *, expires_at: int) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                f"""INSERT INTO pending_secrets ({codec.PENDING_COLUMNS}, expires_at)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                    ON CONFLICT (username) DO UPDATE SET
+                    {", ".join(f"{c} = EXCLUDED.{c}" for c in codec.PENDING_NAMES[1:])},
+                    expires_at = EXCLUDED.expires_at""",
+                (*codec.pending_values(record), expires_at),
+            )
+            conn.execute(
+                _AUDIT,
+                (
+                    record.created_at,
+                    "secret_pending",
+                    record.username,
+                    f"uid={record.uid}",
+                    self.host,
+                ),
+            )
+
+    def get_pending(self, username: str) -> tuple[SecretRecord, int] | None:
+        rows = self._query(
+            f"SELECT {codec.PENDING_COLUMNS}, expires_at FROM pending_secrets WHERE username = %s",
+            (username,),
+        )
+        return codec.pending_record(rows[0]) if rows else None
+
+    def confirm_pending(
+        self, username: str, uid: int, sealed: Sealed, step: int, *, now: int
+    ) -> bool:
+        with self._transaction() as conn:
+            # DELETE ... RETURNING takes the row: of two confirmations one gets it.
+            row = conn.execute(
+                f"""DELETE FROM pending_secrets WHERE username = %s AND uid = %s
+                        AND nonce = %s AND ciphertext = %s AND expires_at > %s
+                    RETURNING {codec.PENDING_COLUMNS}, expires_at""",
+                (username, uid, sealed.nonce, sealed.ciphertext, now),
+            ).fetchone()
+            if row is None:
+                return False
+            record, _ = codec.pending_record(row)
+            values = (*codec.pending_values(record), step, 0, 0, 0)
+            conn.execute(
+                f"""INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES ({_PLACEHOLDERS})
+                    ON CONFLICT (username) DO UPDATE SET {_REPLACE}""",
+                values,
+            )
+            conn.execute("DELETE FROM recovery_codes WHERE username = %s", (username,))
+            conn.execute(_AUDIT, (now, "secret_confirmed", username, f"uid={uid}", self.host))
+        return True
+
+    # -- recovery codes -----------------------------------------------------------------
+
+    def recovery_key(self) -> Sealed | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'recovery_key'")
+        return codec.sealed_from_json(rows[0][0]) if rows else None
+
+    def init_recovery_key(self, sealed: Sealed) -> Sealed:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO meta VALUES ('recovery_key', %s) ON CONFLICT (name) DO NOTHING",
+                (codec.sealed_json(sealed),),
+            )
+            stored = conn.execute("SELECT value FROM meta WHERE name = 'recovery_key'").fetchone()
+        assert stored is not None
+        return codec.sealed_from_json(stored[0])
+
+    def put_recovery_codes(self, username: str, uid: int, hashes: list[bytes], *, now: int) -> bool:
+        with self._transaction() as conn:
+            active = conn.execute(
+                "SELECT 1 FROM secrets WHERE username = %s AND uid = %s AND status = 'active' "
+                "FOR UPDATE",
+                (username, uid),
+            ).fetchone()
+            if active is None:
+                return False
+            conn.execute("DELETE FROM recovery_codes WHERE username = %s", (username,))
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO recovery_codes (username, code_hash) VALUES (%s, %s)",
+                    [(username, h) for h in hashes],
+                )
+            conn.execute(
+                _AUDIT, (now, "recovery_codes_made", username, f"count={len(hashes)}", self.host)
+            )
+        return True
+
+    def use_recovery_code(
+        self, username: str, uid: int, hashes: list[bytes], *, now: int
+    ) -> int | None:
+        with self._transaction() as conn:
+            # The row lock on the account orders concurrent uses: each code once.
+            used = conn.execute(
+                """UPDATE recovery_codes SET used_at = %s
+                   WHERE username = %s AND used_at IS NULL AND code_hash = ANY(%s)
+                     AND EXISTS (SELECT 1 FROM secrets WHERE username = %s AND uid = %s
+                                 AND status = 'active')""",
+                (now, username, hashes, username, uid),
+            ).rowcount
+            if not used:
+                return None
+            conn.execute(
+                "UPDATE secrets SET failures = 0, lockouts = 0, locked_until = 0 "
+                "WHERE username = %s AND uid = %s",
+                (username, uid),
+            )
+            row = conn.execute(
+                "SELECT count(*) FROM recovery_codes WHERE username = %s AND used_at IS NULL",
+                (username,),
+            ).fetchone()
+            left = int(row[0]) if row else 0
+            conn.execute(_AUDIT, (now, "recovery_code_used", username, f"left={left}", self.host))
+        return left
+
+    def recovery_codes_left(self, username: str) -> int:
+        rows = self._query(
+            "SELECT count(*) FROM recovery_codes WHERE username = %s AND used_at IS NULL",
+            (username,),
+        )
+        return int(rows[0][0])
 
     # -- copying a whole database (otpgated migrate) ------------------------------------
 
@@ -610,19 +724,3 @@ def _is_outage(exc: psycopg.Error) -> bool:
 def _clean(exc: BaseException) -> str:
     """psycopg's message on one line (libpq's may span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _record(row: tuple[Any, ...]) -> SecretRecord:
-    (username, uid, key_id, nonce, ct, digits, interval, created, last, fails, locks, until) = row
-    return SecretRecord(
-        username=username,
-        uid=uid,
-        sealed=Sealed(key_id, bytes(nonce), bytes(ct)),
-        otp_digits=digits,
-        interval=interval,
-        created_at=created,
-        last_step=last,
-        failures=fails,
-        lockouts=locks,
-        locked_until=until,
-    )

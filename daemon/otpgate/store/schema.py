@@ -41,6 +41,20 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
         "username",
     ),
     "recovery_codes": (("username", "code_hash", "used_at"), "username, code_hash"),
+    "pending_secrets": (
+        (
+            "username",
+            "uid",
+            "key_id",
+            "nonce",
+            "ciphertext",
+            "otp_digits",
+            "interval",
+            "created_at",
+            "expires_at",
+        ),
+        "username",
+    ),
     "audit_events": (("id", "at", "event", "username", "detail", "host"), "id"),
 }
 
@@ -52,7 +66,43 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE audit_events ADD COLUMN host TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX audit_events_at ON audit_events (at)",
     ),
+    # Confirmed enrollment: a renewed secret waits here, beside the one in use,
+    # until a code from it confirms it (or it expires). Portable types only: BIGINT
+    # and BYTEA-or-BLOB are spelled per backend in PENDING_DDL.
+    3: ("{pending_secrets}",),
 }
+# The one statement whose column types differ between the backends.
+PENDING_DDL = {
+    "sqlite": """CREATE TABLE pending_secrets (
+        username   TEXT PRIMARY KEY,
+        uid        INTEGER NOT NULL,
+        key_id     TEXT NOT NULL,
+        nonce      BLOB NOT NULL,
+        ciphertext BLOB NOT NULL,
+        otp_digits INTEGER NOT NULL CHECK (otp_digits BETWEEN 6 AND 8),
+        interval   INTEGER NOT NULL CHECK (interval BETWEEN 5 AND 120),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) STRICT""",
+    "postgres": """CREATE TABLE pending_secrets (
+        username   TEXT PRIMARY KEY,
+        uid        BIGINT NOT NULL,
+        key_id     TEXT NOT NULL,
+        nonce      BYTEA NOT NULL,
+        ciphertext BYTEA NOT NULL,
+        otp_digits INTEGER NOT NULL CHECK (otp_digits BETWEEN 6 AND 8),
+        interval   INTEGER NOT NULL CHECK (interval BETWEEN 5 AND 120),
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    )""",
+}
+
+
+def statements(version: int, backend: str) -> list[str]:
+    """Migration `version`'s statements as `backend` ("sqlite", "postgres") runs them."""
+    return [s.format(pending_secrets=PENDING_DDL[backend]) for s in MIGRATIONS[version]]
+
+
 SCHEMA_VERSION = max(MIGRATIONS)
 
 

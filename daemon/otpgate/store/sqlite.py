@@ -19,6 +19,7 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
 from otpgate.errors import InvalidArgument, StoreError
+from otpgate.store import rows as codec
 from otpgate.store import schema
 
 log = logging.getLogger("otpgated")
@@ -68,10 +69,7 @@ CREATE TABLE audit_events (
 ) STRICT;
 """
 
-_SECRET_COLUMNS = (
-    "username, uid, key_id, nonce, ciphertext, otp_digits, interval, created_at, "
-    "last_step, failures, lockouts, locked_until"
-)
+_SECRET_COLUMNS = codec.SECRET_COLUMNS
 
 
 class SQLiteStore:
@@ -166,7 +164,7 @@ class SQLiteStore:
                 found = schema.stored_version(row)
                 self.upgraded_from = found if found < schema.SCHEMA_VERSION else None
             for version in schema.steps(found, upgrade=upgrade, where=self.path):
-                for statement in schema.MIGRATIONS[version]:
+                for statement in schema.statements(version, "sqlite"):
                     db.execute(statement)
                 db.execute(
                     "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
@@ -214,7 +212,11 @@ class SQLiteStore:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('key_check', ?)", (value,))
 
     def key_ids_in_use(self) -> set[str]:
-        return {row[0] for row in self._query("SELECT DISTINCT key_id FROM secrets")}
+        rows = self._query(
+            "SELECT key_id FROM secrets UNION SELECT key_id FROM pending_secrets "
+            "UNION SELECT json_extract(value, '$.key_id') FROM meta WHERE name = 'recovery_key'"
+        )
+        return {row[0] for row in rows}
 
     # -- secrets --------------------------------------------------------------------
 
@@ -240,20 +242,7 @@ class SQLiteStore:
             db.execute("DELETE FROM secrets WHERE username = ?", (record.username,))
             db.execute(
                 f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    record.username,
-                    record.uid,
-                    record.sealed.key_id,
-                    record.sealed.nonce,
-                    record.sealed.ciphertext,
-                    record.otp_digits,
-                    record.interval,
-                    record.created_at,
-                    record.last_step,
-                    record.failures,
-                    record.lockouts,
-                    record.locked_until,
-                ),
+                codec.secret_values(record),
             )
             self._audit(
                 db, record.created_at, "secret_renewed", record.username, f"uid={record.uid}"
@@ -265,17 +254,19 @@ class SQLiteStore:
             f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE username = ? AND status = 'active'",
             (username,),
         )
-        return _record(rows[0]) if rows else None
+        return codec.secret_record(rows[0]) if rows else None
 
     def list_secrets(self) -> list[SecretRecord]:
         rows = self._query(
             f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE status = 'active' ORDER BY username"
         )
-        return [_record(row) for row in rows]
+        return [codec.secret_record(row) for row in rows]
 
     def delete_secret(self, username: str, *, now: int) -> bool:
         with self._transaction() as db:
+            pending = db.execute("DELETE FROM pending_secrets WHERE username = ?", (username,))
             deleted = db.execute("DELETE FROM secrets WHERE username = ?", (username,)).rowcount
+            deleted += pending.rowcount
             if deleted:
                 self._audit(db, now, "secret_unset", username, "")
             return bool(deleted)
@@ -293,7 +284,7 @@ class SQLiteStore:
             )
             row = cursor.fetchone()
             cursor.close()  # ends the statement, and with it the implicit transaction
-            return None if row is None else _record(row)
+            return None if row is None else codec.secret_record(row)
 
     def lock(
         self, username: str, uid: int, *, count: int, lockouts: int, until: int, now: int
@@ -320,6 +311,122 @@ class SQLiteStore:
                 (step, username, uid, step),
             )
             return cursor.rowcount == 1
+
+    def unlock(self, username: str, uid: int, *, now: int) -> bool:
+        with self._transaction(durable=False) as db:
+            cleared = db.execute(
+                """UPDATE secrets SET failures = 0, lockouts = 0, locked_until = 0
+                   WHERE username = ? AND uid = ? AND status = 'active'""",
+                (username, uid),
+            ).rowcount
+            if cleared:
+                self._audit(db, now, "unlocked", username, "")
+            return bool(cleared)
+
+    # -- pending secrets (confirmed enrollment) ------------------------------------------
+
+    def put_pending(self, record: SecretRecord, *, expires_at: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO pending_secrets VALUES (?,?,?,?,?,?,?,?,?)",
+                (*codec.pending_values(record), expires_at),
+            )
+            self._audit(
+                db, record.created_at, "secret_pending", record.username, f"uid={record.uid}"
+            )
+
+    def get_pending(self, username: str) -> tuple[SecretRecord, int] | None:
+        rows = self._query(
+            f"SELECT {codec.PENDING_COLUMNS}, expires_at FROM pending_secrets WHERE username = ?",
+            (username,),
+        )
+        return codec.pending_record(rows[0]) if rows else None
+
+    def confirm_pending(
+        self, username: str, uid: int, sealed: Sealed, step: int, *, now: int
+    ) -> bool:
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT {codec.PENDING_COLUMNS}, expires_at FROM pending_secrets "
+                "WHERE username = ? AND uid = ? AND nonce = ? AND ciphertext = ? "
+                "AND expires_at > ?",
+                (username, uid, sealed.nonce, sealed.ciphertext, now),
+            ).fetchone()
+            if row is None:
+                return False
+            record, _ = codec.pending_record(row)
+            db.execute("DELETE FROM pending_secrets WHERE username = ?", (username,))
+            db.execute("DELETE FROM secrets WHERE username = ?", (username,))
+            db.execute(
+                f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*codec.pending_values(record)[:8], step, 0, 0, 0),
+            )
+            self._audit(db, now, "secret_confirmed", username, f"uid={uid}")
+        return True
+
+    # -- recovery codes -----------------------------------------------------------------
+
+    def recovery_key(self) -> Sealed | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'recovery_key'")
+        return codec.sealed_from_json(rows[0][0]) if rows else None
+
+    def init_recovery_key(self, sealed: Sealed) -> Sealed:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('recovery_key', ?)",
+                (codec.sealed_json(sealed),),
+            )
+            stored = db.execute("SELECT value FROM meta WHERE name = 'recovery_key'").fetchone()
+        return codec.sealed_from_json(stored[0])
+
+    def put_recovery_codes(self, username: str, uid: int, hashes: list[bytes], *, now: int) -> bool:
+        with self._transaction() as db:
+            active = db.execute(
+                "SELECT 1 FROM secrets WHERE username = ? AND uid = ? AND status = 'active'",
+                (username, uid),
+            ).fetchone()
+            if active is None:
+                return False
+            db.execute("DELETE FROM recovery_codes WHERE username = ?", (username,))
+            db.executemany(
+                "INSERT INTO recovery_codes (username, code_hash) VALUES (?, ?)",
+                [(username, h) for h in hashes],
+            )
+            self._audit(db, now, "recovery_codes_made", username, f"count={len(hashes)}")
+        return True
+
+    def use_recovery_code(
+        self, username: str, uid: int, hashes: list[bytes], *, now: int
+    ) -> int | None:
+        marks = ", ".join("?" * len(hashes))
+        with self._transaction(durable=False) as db:
+            used = db.execute(
+                f"""UPDATE recovery_codes SET used_at = ?
+                    WHERE username = ? AND used_at IS NULL AND code_hash IN ({marks})
+                      AND EXISTS (SELECT 1 FROM secrets WHERE username = ? AND uid = ?
+                                  AND status = 'active')""",
+                (now, username, *hashes, username, uid),
+            ).rowcount
+            if not used:
+                return None
+            db.execute(
+                "UPDATE secrets SET failures = 0, lockouts = 0, locked_until = 0 "
+                "WHERE username = ? AND uid = ?",
+                (username, uid),
+            )
+            left = db.execute(
+                "SELECT count(*) FROM recovery_codes WHERE username = ? AND used_at IS NULL",
+                (username,),
+            ).fetchone()[0]
+            self._audit(db, now, "recovery_code_used", username, f"left={left}")
+        return int(left)
+
+    def recovery_codes_left(self, username: str) -> int:
+        rows = self._query(
+            "SELECT count(*) FROM recovery_codes WHERE username = ? AND used_at IS NULL",
+            (username,),
+        )
+        return int(rows[0][0])
 
     # -- audit ----------------------------------------------------------------------
 
@@ -426,19 +533,3 @@ class _Checkpointer:
         self._stopping.set()
         self._thread.join()
         self._db.close()
-
-
-def _record(row: tuple[Any, ...]) -> SecretRecord:
-    (username, uid, key_id, nonce, ct, digits, interval, created, last, fails, locks, until) = row
-    return SecretRecord(
-        username=username,
-        uid=uid,
-        sealed=Sealed(key_id, nonce, ct),
-        otp_digits=digits,
-        interval=interval,
-        created_at=created,
-        last_step=last,
-        failures=fails,
-        lockouts=locks,
-        locked_until=until,
-    )

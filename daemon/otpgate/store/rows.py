@@ -1,0 +1,91 @@
+"""Rows to value objects and back, the same for every backend (pure).
+
+The column orders here are the SELECT lists both stores use; key-check and
+recovery-key values in `meta` are Sealed objects as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from otpgate.core.crypto import Sealed
+from otpgate.core.records import SecretRecord
+
+SECRET_NAMES = (
+    "username",
+    "uid",
+    "key_id",
+    "nonce",
+    "ciphertext",
+    "otp_digits",
+    "interval",
+    "created_at",
+    "last_step",
+    "failures",
+    "lockouts",
+    "locked_until",
+)
+SECRET_COLUMNS = ", ".join(SECRET_NAMES)
+# A pending secret has the first eight, then expires_at.
+PENDING_NAMES = SECRET_NAMES[:8]
+PENDING_COLUMNS = ", ".join(PENDING_NAMES)
+
+
+def secret_values(record: SecretRecord) -> tuple[Any, ...]:
+    """`record` in SECRET_NAMES order."""
+    return (
+        *pending_values(record),
+        record.last_step,
+        record.failures,
+        record.lockouts,
+        record.locked_until,
+    )
+
+
+def pending_values(record: SecretRecord) -> tuple[Any, ...]:
+    """`record` in PENDING_NAMES order."""
+    return (
+        record.username,
+        record.uid,
+        record.sealed.key_id,
+        record.sealed.nonce,
+        record.sealed.ciphertext,
+        record.otp_digits,
+        record.interval,
+        record.created_at,
+    )
+
+
+def secret_record(row: tuple[Any, ...]) -> SecretRecord:
+    """A row in SECRET_NAMES order."""
+    (username, uid, key_id, nonce, ct, digits, interval, created, last, fails, locks, until) = row
+    return SecretRecord(
+        username=username,
+        uid=uid,
+        sealed=Sealed(key_id, bytes(nonce), bytes(ct)),
+        otp_digits=digits,
+        interval=interval,
+        created_at=created,
+        last_step=last,
+        failures=fails,
+        lockouts=locks,
+        locked_until=until,
+    )
+
+
+def pending_record(row: tuple[Any, ...]) -> tuple[SecretRecord, int]:
+    """A row in PENDING_NAMES order, then expires_at: the record and its expiry."""
+    *head, expires = row
+    return secret_record((*head, -1, 0, 0, 0)), expires
+
+
+def sealed_json(sealed: Sealed) -> str:
+    return json.dumps(
+        {"key_id": sealed.key_id, "nonce": sealed.nonce.hex(), "ct": sealed.ciphertext.hex()}
+    )
+
+
+def sealed_from_json(value: str) -> Sealed:
+    data = json.loads(value)
+    return Sealed(data["key_id"], bytes.fromhex(data["nonce"]), bytes.fromhex(data["ct"]))
