@@ -305,3 +305,37 @@ def test_cli_as_ordinary_user_enrolls_itself(
         cli_python, user, public_login_daemon, ["user", "show"], f"{user.password}\n{bad_codes}"
     )
     assert wrong.returncode == 2 and "login failed" in wrong.stderr
+
+
+def test_recovery_codes_need_a_session_that_proved_a_code(
+    login_daemon: Daemon, user: LocalUser
+) -> None:
+    enable(login_daemon)
+    stub = login_daemon.user()
+    # A password alone enrolls (LEVEL_1, a secret of its own making): no codes from it.
+    first = bearer(login(login_daemon, user.name, user.password).session_token)
+    entry = stub.RenewSecret(pb.RenewSecretRequest(), timeout=5, metadata=first)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.MakeRecoveryCodes(pb.MakeRecoveryCodesRequest(), timeout=5, metadata=first)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "LEVEL_2" in (info.value.details() or "")
+    # Password and code: LEVEL_2, and a set of ten, for this account only.
+    totp = pyotp.parse_uri(entry.twofactor_config.provisioning_uri)
+    attempt = login(login_daemon, user.name, user.password)
+    assert attempt.response_type == pb.OTP_REQUIRED
+    done = cont(login_daemon, attempt.attempt_token, totp.now())
+    assert done.response_type == pb.SUCCESS
+    second = bearer(done.session_token)
+    codes = stub.MakeRecoveryCodes(pb.MakeRecoveryCodesRequest(), timeout=5, metadata=second)
+    assert len(codes.codes) == 10
+    with pytest.raises(grpc.RpcError) as info:
+        stub.MakeRecoveryCodes(
+            pb.MakeRecoveryCodesRequest(username="root"), timeout=5, metadata=second
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A recovery code logs in as a code does.
+    again = login(login_daemon, user.name, user.password)
+    after = cont(login_daemon, again.attempt_token, codes.codes[0])
+    assert after.response_type == pb.SUCCESS
+    shown = stub.GetUser(pb.GetUserRequest(), timeout=5, metadata=second)
+    assert shown.recovery_codes_left == 9

@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.message import Message
 
 from otpgate.cli.prompts import Secrets
+from otpgate.core import recovery
 from otpgate.core.totp import check_token_format
 from otpgate.errors import (
     ClientError,
@@ -57,6 +58,7 @@ class Verification:
     valid: bool
     result: str
     locked_seconds: int | None = 0
+    recovery_codes_left: int | None = None  # a recovery code was accepted: how many remain
 
 
 class Client(Protocol):
@@ -73,6 +75,8 @@ class Client(Protocol):
     def unset_secret(self, user: str) -> pb.UserEntry: ...
     def get_user(self, user: str) -> pb.UserEntry: ...
     def list_users(self) -> list[pb.UserEntry]: ...
+    def unlock(self, user: str) -> pb.UserEntry: ...
+    def recovery_codes(self, user: str) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -197,7 +201,8 @@ def _status(exc: grpc.RpcError) -> grpc.StatusCode | None:
 
 def verification_from_pb(response: pb.VerifyTokenResponse) -> Verification:
     name = pb.VerifyResult.Name(response.result).removeprefix("VERIFY_RESULT_").lower()
-    return Verification(response.valid, name, response.locked_seconds)
+    left = response.recovery_codes_left if response.HasField("recovery_codes_left") else None
+    return Verification(response.valid, name, response.locked_seconds, left)
 
 
 class _Transport:
@@ -282,6 +287,13 @@ class AdminClient(_Transport):
     def list_users(self) -> list[pb.UserEntry]:
         return list(self._call(self._admin().ListUsers, pb.ListUsersRequest()).users)
 
+    def unlock(self, user: str) -> pb.UserEntry:
+        return self._call(self._admin().Unlock, pb.UnlockRequest(username=user))
+
+    def recovery_codes(self, user: str) -> list[str]:
+        request = pb.MakeRecoveryCodesRequest(username=user)
+        return list(self._call(self._admin().MakeRecoveryCodes, request).codes)
+
 
 def _renew_request(user: str, otp_digits: int, interval: int) -> pb.RenewSecretRequest:
     options = pb.TwoFactorOptions(otp_digits=otp_digits, interval=interval)
@@ -325,6 +337,9 @@ class SelfServiceClient(_Transport):
     def list_users(self) -> list[pb.UserEntry]:
         raise needs_admin(self._command, self._admin_socket)
 
+    def unlock(self, user: str) -> pb.UserEntry:
+        raise needs_admin(self._command, self._admin_socket)
+
     # -- the caller's own account -------------------------------------------------------
 
     def renew_secret(self, user: str, *, otp_digits: int, interval: int) -> pb.UserEntry:
@@ -342,13 +357,20 @@ class SelfServiceClient(_Transport):
         self._own(user)
         return self._session_call(self._user().GetUser, pb.GetUserRequest(username=user))
 
+    def recovery_codes(self, user: str) -> list[str]:
+        # The login asks for a code when the account has a secret: a LEVEL_2 session.
+        self._own(user)
+        request = pb.MakeRecoveryCodesRequest(username=user)
+        return list(self._session_call(self._user().MakeRecoveryCodes, request).codes)
+
     def verify(self, user: str, token: str) -> Verification:
         """The code to check is the login's second factor: asking for another one
         first would spend the current step, and TOKEN would then be a replay."""
         self._own(user)
         if not self._metadata:
             # Checked here: at a login a malformed code counts as a wrong one.
-            check_token_format(token)
+            if recovery.normalise(token) is None:
+                check_token_format(token)
             reply = self._password_login()
             if reply.response_type == pb.OTP_REQUIRED:
                 after = self._continue(reply.attempt_token, token)

@@ -81,6 +81,17 @@ class UserShown(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class Unlocked(Result):
+    user: pb.UserEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryCodesMade(Result):
+    username: str
+    codes: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
 class UsersListed(Result):
     users: list[pb.UserEntry]
 
@@ -253,6 +264,17 @@ def unset_secret(client: Client, args: argparse.Namespace) -> SecretUnset:
     if not args.user:
         raise InvalidArgument("USER", "must not be empty")
     return SecretUnset(client.unset_secret(args.user))
+
+
+def unlock(client: Client, args: argparse.Namespace) -> Unlocked:
+    if not args.user:
+        raise InvalidArgument("USER", "must not be empty")
+    return Unlocked(client.unlock(args.user))
+
+
+def recovery_codes(client: Client, args: argparse.Namespace) -> RecoveryCodesMade:
+    user = user_argument(args.user)
+    return RecoveryCodesMade(user, client.recovery_codes(user))
 
 
 def user_show(client: Client, args: argparse.Namespace) -> UserShown:

@@ -146,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("token", metavar="TOKEN", help="the code; '-' reads it from stdin")
     unset = command(commands_, "unset-secret", commands.unset_secret, "remove USER's 2FA secret")
     unset.add_argument("user", metavar="USER")
+    unlock = command(
+        commands_,
+        "unlock",
+        commands.unlock,
+        "clear USER's lockout (the secret stays)",
+        "Clear USER's lockout and count of wrong codes; the secret, its spent codes and its "
+        "recovery codes stay as they are.",
+    )
+    unlock.add_argument("user", metavar="USER")
+    codes = command(
+        commands_,
+        "recovery-codes",
+        commands.recovery_codes,
+        "make a new set of recovery codes for USER (default: you); shown once",
+        "Make 10 new one-time recovery codes for USER (default: you), replacing any earlier "
+        "set, and show them once: only keyed hashes are kept. Each works once wherever a "
+        "code is asked (the SSH prompt too) and counts toward the lockout like any code. "
+        "As an ordinary user you are asked for your password and a code first.",
+    )
+    codes.add_argument("user", nargs="?", metavar="USER")
     check = command(
         commands_,
         "doctor",

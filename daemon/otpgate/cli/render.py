@@ -26,9 +26,11 @@ from otpgate.cli.commands import (
     ConfigShown,
     ConfigUpdated,
     DoctorReport,
+    RecoveryCodesMade,
     Result,
     SecretUnset,
     SshWired,
+    Unlocked,
     UriShown,
     UserShown,
     UsersListed,
@@ -163,6 +165,8 @@ def _(result: Verified, *, as_json: bool, out: TextIO, err: TextIO) -> None:
             print("account locked after too many wrong codes", file=err)
     elif verdict.result in _REASONS:
         print(f"reason: {_REASONS[verdict.result]}", file=err)
+    if verdict.recovery_codes_left is not None:
+        print(f"recovery code accepted: {verdict.recovery_codes_left} left", file=err)
 
 
 @render.register
@@ -171,6 +175,29 @@ def _(result: SecretUnset, *, as_json: bool, out: TextIO, err: TextIO) -> None:
         _json(message_dict(result.user), out)
     else:
         print(f"2FA secret of {result.user.username} removed", file=out)
+
+
+@render.register
+def _(result: Unlocked, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    if as_json:
+        _json(message_dict(result.user), out)
+    else:
+        print(f"{result.user.username} unlocked", file=out)
+
+
+@render.register
+def _(result: RecoveryCodesMade, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    if as_json:
+        _json({"username": result.username, "codes": result.codes}, out)
+        return
+    for code in result.codes:
+        print(code, file=out)
+    print(
+        f"{len(result.codes)} recovery codes for {result.username}: keep them apart from "
+        "the phone; each works once instead of a code; they are not shown again, and any "
+        "earlier set no longer works",
+        file=err,
+    )
 
 
 @render.register

@@ -93,6 +93,13 @@ class Gate:
             _burn_time(token)
             return Decision(Verdict.DENY, "Invalid code.")
         match outcome.result:
+            case VerifyResult.VALID if outcome.recovery_codes_left is not None:
+                left = outcome.recovery_codes_left
+                return Decision(
+                    Verdict.ALLOW,
+                    f"Recovery code accepted: {left} left. "
+                    "Make a new set soon: otpgate recovery-codes",
+                )
             case VerifyResult.VALID:
                 return Decision(Verdict.ALLOW)
             case VerifyResult.LOCKED:

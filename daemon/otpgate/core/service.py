@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from otpgate.core import lockout, totp
+from otpgate.core import lockout, recovery, totp
 from otpgate.core.accounts import account_details, check_username, lookup_account
 from otpgate.core.crypto import Keyring, account_binding
 from otpgate.core.ports import AccountDetailsLookup, AccountLookup, Store
@@ -48,6 +49,8 @@ class VerifyResult(enum.Enum):
 class Verification:
     result: VerifyResult
     locked_seconds: int = 0
+    # A recovery code was accepted: how many the account has left (else None).
+    recovery_codes_left: int | None = None
 
     @property
     def valid(self) -> bool:
@@ -71,6 +74,7 @@ class UserView:
     record: SecretRecord | None  # None: not enrolled (or the secret was another uid's)
     locked_seconds: int = 0
     provisioning_uri: str | None = None
+    recovery_codes_left: int = 0
 
 
 class TwoFactorService:
@@ -97,6 +101,16 @@ class TwoFactorService:
         self._details = details
         self._clock = clock
         self.check_key()
+        self._recovery_key = self._load_recovery_key()
+
+    def _load_recovery_key(self) -> bytes:
+        # One per database, made by whichever daemon needs it first, sealed like a
+        # secret (core.recovery says why it is keyed at all).
+        sealed = self._store.recovery_key()
+        if sealed is None:
+            fresh = self._keyring.seal(secrets.token_bytes(32), recovery.KEY_BINDING)
+            sealed = self._store.init_recovery_key(fresh)
+        return self._keyring.open(sealed, recovery.KEY_BINDING)
 
     def check_key(self) -> None:
         """Refuse (KeyMismatch) unless the keyring opens everything in the store.
@@ -251,7 +265,40 @@ class TwoFactorService:
         return views
 
     def _view(self, account: Account, record: SecretRecord | None) -> UserView:
-        return UserView(self._details(account), record, locked_seconds=self._locked_seconds(record))
+        left = 0 if record is None else self._store.recovery_codes_left(account.username)
+        return UserView(
+            self._details(account),
+            record,
+            locked_seconds=self._locked_seconds(record),
+            recovery_codes_left=left,
+        )
+
+    def unlock(self, username: str) -> UserView:
+        """Clear the account's lockout and wrong-code count; the secret stays."""
+        account = self._account(username)
+        if not self._store.unlock(account.username, account.uid, now=int(self._clock())):
+            raise NotFound(f"account {account.username} has no 2FA secret")
+        log.info("unlocked user=%s", account.username)
+        return self._view(account, self._record_for(account))
+
+    def make_recovery_codes(self, username: str) -> list[str]:
+        """A new set of recovery codes for an enrolled account, replacing any; the
+        codes themselves exist only in this answer."""
+        account = self._account(username)
+        codes = recovery.generate()
+        hashes = [
+            recovery.mac(self._recovery_key, account.username, account.uid, c.replace("-", ""))
+            for c in codes
+        ]
+        if not self._store.put_recovery_codes(
+            account.username, account.uid, hashes, now=int(self._clock())
+        ):
+            raise FailedPrecondition(
+                f"account {account.username} has no 2FA secret: enroll first "
+                "(recovery codes stand in for its codes)"
+            )
+        log.info("recovery_codes_made user=%s count=%d", account.username, len(codes))
+        return codes
 
     def _locked_seconds(self, record: SecretRecord | None) -> int:
         return 0 if record is None else lockout.remaining(record, int(self._clock()))
@@ -270,22 +317,32 @@ class TwoFactorService:
         Raises NotFound for an unknown account: callers that must not reveal which
         accounts exist (the PAM and login paths) map that to their own answer.
         """
+        code = recovery.normalise(token)
         try:
-            totp.check_token_format(token)
+            if code is None:
+                totp.check_token_format(token)
             well_formed = True
         except InvalidArgument:
             if not malformed_counts:
-                raise
+                raise InvalidArgument(
+                    "token", "must be 6 to 8 ASCII digits, or a recovery code"
+                ) from None
             well_formed = False
         account = self._account(username)
-        outcome = self._verify(account, token if well_formed else None)
+        outcome = self._verify(account, token if well_formed else None, recovery_code=code)
         shape = "" if well_formed else " token=malformed"
+        if code is not None:
+            shape = " token=recovery_code"
+            if outcome.recovery_codes_left is not None:
+                shape += f" recovery_codes_left={outcome.recovery_codes_left}"
         log.info(
             "verify user=%s via=%s result=%s%s", account.username, via, outcome.result.value, shape
         )
         return outcome
 
-    def _verify(self, account: Account, token: str | None) -> Verification:
+    def _verify(
+        self, account: Account, token: str | None, *, recovery_code: str | None = None
+    ) -> Verification:
         settings = self._store.load_settings()
         now = self._clock()
         # Counting the attempt also fetches the secret: one statement on the login path.
@@ -319,6 +376,17 @@ class TwoFactorService:
             return Verification(VerifyResult.LOCKED, locked_seconds=judgement.locked_seconds)
         if token is None:
             return Verification(VerifyResult.INVALID)  # counted above, like a wrong code
+        if recovery_code is not None:
+            # Counted above like any code; a right one clears the count as a code does.
+            left = self._store.use_recovery_code(
+                account.username,
+                account.uid,
+                [recovery.mac(self._recovery_key, account.username, account.uid, recovery_code)],
+                now=int(now),
+            )
+            if left is None:
+                return Verification(VerifyResult.INVALID)
+            return Verification(VerifyResult.VALID, recovery_codes_left=left)
         step = totp.matching_step(
             self._open(record).decode(),
             token,

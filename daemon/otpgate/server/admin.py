@@ -5,7 +5,12 @@ from __future__ import annotations
 import grpc
 
 from otpgate.core.service import TwoFactorService
-from otpgate.server.messages import RESULT_TO_PB, changes_from_pb, config_to_pb, user_to_pb
+from otpgate.server.messages import (
+    changes_from_pb,
+    config_to_pb,
+    user_to_pb,
+    verification_to_pb,
+)
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
@@ -57,11 +62,7 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
         self, request: pb.VerifyTokenRequest, context: grpc.ServicerContext
     ) -> pb.VerifyTokenResponse:
         outcome = self._service.verify(request.username, request.token, via="admin")
-        return pb.VerifyTokenResponse(
-            valid=outcome.valid,
-            result=RESULT_TO_PB[outcome.result],
-            locked_seconds=outcome.locked_seconds,
-        )
+        return verification_to_pb(outcome)
 
     @rpc
     def UnsetSecret(
@@ -78,3 +79,13 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
         self, request: pb.ListUsersRequest, context: grpc.ServicerContext
     ) -> pb.ListUsersResponse:
         return pb.ListUsersResponse(users=[user_to_pb(v) for v in self._service.list_users()])
+
+    @rpc
+    def Unlock(self, request: pb.UnlockRequest, context: grpc.ServicerContext) -> pb.UserEntry:
+        return user_to_pb(self._service.unlock(request.username))
+
+    @rpc
+    def MakeRecoveryCodes(
+        self, request: pb.MakeRecoveryCodesRequest, context: grpc.ServicerContext
+    ) -> pb.RecoveryCodes:
+        return pb.RecoveryCodes(codes=self._service.make_recovery_codes(request.username))

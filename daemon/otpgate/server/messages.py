@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from otpgate.core.service import UserView, VerifyResult
+from otpgate.core.service import UserView, Verification, VerifyResult
 from otpgate.core.settings import EnrollmentPolicy, Settings
 from otpgate.errors import InvalidArgument
 from otpgate.v1 import otpgate_pb2 as pb
@@ -88,4 +88,16 @@ def user_to_pb(view: UserView) -> pb.UserEntry:
         twofactor_config=twofactor,
         failed_attempts=record.failures if record else 0,
         locked_seconds=view.locked_seconds,
+        recovery_codes_left=view.recovery_codes_left,
     )
+
+
+def verification_to_pb(outcome: Verification) -> pb.VerifyTokenResponse:
+    reply = pb.VerifyTokenResponse(
+        valid=outcome.valid,
+        result=RESULT_TO_PB[outcome.result],
+        locked_seconds=outcome.locked_seconds,
+    )
+    if outcome.recovery_codes_left is not None:
+        reply.recovery_codes_left = outcome.recovery_codes_left
+    return reply

@@ -24,7 +24,7 @@ from otpgate.errors import (
     TooManyAttempts,
     Unauthenticated,
 )
-from otpgate.server.messages import RESULT_TO_PB, user_to_pb
+from otpgate.server.messages import user_to_pb, verification_to_pb
 from otpgate.server.relay import Caller, CallerRegistry
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb
@@ -209,12 +209,18 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
                 f"{username} checked a code moments ago: try again in {math.ceil(wait)} s", wait
             )
         outcome = self._service.verify(username, request.token, via="user")
-        return pb.VerifyTokenResponse(
-            valid=outcome.valid,
-            result=RESULT_TO_PB[outcome.result],
-            locked_seconds=outcome.locked_seconds,
-        )
+        return verification_to_pb(outcome)
 
     @rpc
     def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserEntry:
         return user_to_pb(self._service.get_user(self._own(context, request.username)))
+
+    @rpc
+    def MakeRecoveryCodes(
+        self, request: pb.MakeRecoveryCodesRequest, context: grpc.ServicerContext
+    ) -> pb.RecoveryCodes:
+        username, _, session = self._own_view(context, request.username)
+        if session.level is not Level.LEVEL_2:
+            # Codes that stand in for the phone: only for whoever just showed the phone.
+            raise Unauthenticated("recovery codes need a session that proved a code (LEVEL_2)")
+        return pb.RecoveryCodes(codes=self._service.make_recovery_codes(username))

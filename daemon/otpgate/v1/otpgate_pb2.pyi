@@ -487,6 +487,7 @@ class UserEntry(_message.Message):
     TWOFACTOR_CONFIG_FIELD_NUMBER: _builtins.int
     FAILED_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LOCKED_SECONDS_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_LEFT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """API identifier: the uid for local accounts, uid + 100000000 for accounts
     from a directory service (as TrueNAS).
@@ -507,6 +508,8 @@ class UserEntry(_message.Message):
     """Consecutive wrong codes since the last accepted one."""
     locked_seconds: _builtins.int
     """Seconds until the lockout ends; 0 when not locked."""
+    recovery_codes_left: _builtins.int
+    """Unused recovery codes (MakeRecoveryCodes); 0 without a secret."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every group id the account belongs to, primary included."""
@@ -529,10 +532,11 @@ class UserEntry(_message.Message):
         twofactor_config: Global___TwoFactorUserConfig | None = ...,
         failed_attempts: _builtins.int = ...,
         locked_seconds: _builtins.int = ...,
+        recovery_codes_left: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["twofactor_config", b"twofactor_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_attempts", b"failed_attempts", "full_name", b"full_name", "gid", b"gid", "groups", b"groups", "home", b"home", "id", b"id", "local", b"local", "locked_seconds", b"locked_seconds", "shell", b"shell", "twofactor_auth_configured", b"twofactor_auth_configured", "twofactor_config", b"twofactor_config", "uid", b"uid", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_attempts", b"failed_attempts", "full_name", b"full_name", "gid", b"gid", "groups", b"groups", "home", b"home", "id", b"id", "local", b"local", "locked_seconds", b"locked_seconds", "recovery_codes_left", b"recovery_codes_left", "shell", b"shell", "twofactor_auth_configured", b"twofactor_auth_configured", "twofactor_config", b"twofactor_config", "uid", b"uid", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,7 +639,9 @@ class VerifyTokenRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     token: _builtins.str
-    """6..8 ASCII digits."""
+    """6..8 ASCII digits, or a recovery code (12 letters and digits; case,
+    spaces and dashes do not matter).
+    """
     def __init__(
         self,
         *,
@@ -657,25 +663,97 @@ class VerifyTokenResponse(_message.Message):
     VALID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     LOCKED_SECONDS_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_LEFT_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     """True only for VERIFY_RESULT_VALID."""
     result: Global___VerifyResult.ValueType
     locked_seconds: _builtins.int
     """Seconds until the lockout ends, for VERIFY_RESULT_LOCKED."""
+    recovery_codes_left: _builtins.int
+    """Set when the token was a recovery code and it was accepted (now spent):
+    how many the account has left.
+    """
     def __init__(
         self,
         *,
         valid: _builtins.bool = ...,
         result: Global___VerifyResult.ValueType = ...,
         locked_seconds: _builtins.int = ...,
+        recovery_codes_left: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_recovery_codes_left", b"_recovery_codes_left", "recovery_codes_left", b"recovery_codes_left"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recovery_codes_left", b"_recovery_codes_left", "locked_seconds", b"locked_seconds", "recovery_codes_left", b"recovery_codes_left", "result", b"result", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__recovery_codes_left: _TypeAlias = _typing.Literal["recovery_codes_left"]  # noqa: Y015
+    _WhichOneofArgType__recovery_codes_left: _TypeAlias = _typing.Literal["_recovery_codes_left", b"_recovery_codes_left"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__recovery_codes_left) -> _WhichOneofReturnType__recovery_codes_left | None: ...
+
+Global___VerifyTokenResponse: _TypeAlias = VerifyTokenResponse  # noqa: Y015
+
+@_typing.final
+class UnlockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["locked_seconds", b"locked_seconds", "result", b"result", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___VerifyTokenResponse: _TypeAlias = VerifyTokenResponse  # noqa: Y015
+Global___UnlockRequest: _TypeAlias = UnlockRequest  # noqa: Y015
+
+@_typing.final
+class MakeRecoveryCodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MakeRecoveryCodesRequest: _TypeAlias = MakeRecoveryCodesRequest  # noqa: Y015
+
+@_typing.final
+class RecoveryCodes(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Shown once: only keyed hashes are stored. Each is good once, wherever a
+        code is (the SSH prompt, LoginExContinue, VerifyToken), and counts toward
+        the lockout like any code. A new set replaces the old; a new secret comes
+        without any.
+        """
+
+    def __init__(
+        self,
+        *,
+        codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoveryCodes: _TypeAlias = RecoveryCodes  # noqa: Y015
 
 @_typing.final
 class UnsetSecretRequest(_message.Message):

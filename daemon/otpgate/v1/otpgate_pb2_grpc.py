@@ -76,6 +76,16 @@ class TwoFactorAdminStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ListUsersRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ListUsersResponse.FromString,
                 _registered_method=True)
+        self.Unlock = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/Unlock',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.UnlockRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
+        self.MakeRecoveryCodes = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/MakeRecoveryCodes',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+                _registered_method=True)
 
 
 class TwoFactorAdminServicer:
@@ -131,6 +141,20 @@ class TwoFactorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unlock(self, request, context):
+        """Clear a lockout and the wrong-code count; the secret stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MakeRecoveryCodes(self, request, context):
+        """A new set of recovery codes for an enrolled account, replacing any.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +197,16 @@ def add_TwoFactorAdminServicer_to_server(servicer, server):
                     servicer.ListUsers,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ListUsersRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'Unlock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unlock,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UnlockRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'MakeRecoveryCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeRecoveryCodes,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +437,60 @@ class TwoFactorAdmin:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Unlock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/Unlock',
+            otpgate_dot_v1_dot_otpgate__pb2.UnlockRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeRecoveryCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/MakeRecoveryCodes',
+            otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PamGateStub:
     """Missing associated documentation comment in .proto file."""
@@ -609,6 +697,11 @@ class UserSelfServiceStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
                 _registered_method=True)
+        self.MakeRecoveryCodes = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/MakeRecoveryCodes',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+                _registered_method=True)
 
 
 class UserSelfServiceServicer:
@@ -657,6 +750,13 @@ class UserSelfServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MakeRecoveryCodes(self, request, context):
+        """Only from a session that proved a code (LEVEL_2).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserSelfServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -694,6 +794,11 @@ def add_UserSelfServiceServicer_to_server(servicer, server):
                     servicer.GetUser,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'MakeRecoveryCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeRecoveryCodes,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -885,6 +990,33 @@ class UserSelfService:
             '/otpgate.v1.UserSelfService/GetUser',
             otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeRecoveryCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/MakeRecoveryCodes',
+            otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,10 @@ class TwoFactorAdminStub:
     UnsetSecret: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.UnsetSecretRequest, _otpgate_pb2.UserEntry]
     GetUser: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]
     ListUsers: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ListUsersRequest, _otpgate_pb2.ListUsersResponse]
+    Unlock: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.UnlockRequest, _otpgate_pb2.UserEntry]
+    """Clear a lockout and the wrong-code count; the secret stays."""
+    MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]
+    """A new set of recovery codes for an enrolled account, replacing any."""
 
 @_typing.type_check_only
 class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
@@ -70,6 +74,10 @@ class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
     UnsetSecret: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.UnsetSecretRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
     GetUser: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
     ListUsers: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ListUsersRequest, _otpgate_pb2.ListUsersResponse]  # type: ignore[assignment]
+    Unlock: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.UnlockRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """Clear a lockout and the wrong-code count; the secret stays."""
+    MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
+    """A new set of recovery codes for an enrolled account, replacing any."""
 
 class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
     """The admin API, on admin.sock (root and the admin group). Every caller is
@@ -131,6 +139,22 @@ class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _otpgate_pb2.ListUsersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.ListUsersResponse, _abc.Awaitable[_otpgate_pb2.ListUsersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Unlock(
+        self,
+        request: _otpgate_pb2.UnlockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """Clear a lockout and the wrong-code count; the secret stays."""
+
+    @_abc_1.abstractmethod
+    def MakeRecoveryCodes(
+        self,
+        request: _otpgate_pb2.MakeRecoveryCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.RecoveryCodes, _abc.Awaitable[_otpgate_pb2.RecoveryCodes]]:
+        """A new set of recovery codes for an enrolled account, replacing any."""
 
 def add_TwoFactorAdminServicer_to_server(servicer: TwoFactorAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -196,6 +220,8 @@ class UserSelfServiceStub:
     GetProvisioningUri: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetProvisioningUriRequest, _otpgate_pb2.GetProvisioningUriResponse]
     VerifyToken: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.VerifyTokenRequest, _otpgate_pb2.VerifyTokenResponse]
     GetUser: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]
+    MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]
+    """Only from a session that proved a code (LEVEL_2)."""
 
 @_typing.type_check_only
 class UserSelfServiceAsyncStub(UserSelfServiceStub):
@@ -208,6 +234,8 @@ class UserSelfServiceAsyncStub(UserSelfServiceStub):
     GetProvisioningUri: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetProvisioningUriRequest, _otpgate_pb2.GetProvisioningUriResponse]  # type: ignore[assignment]
     VerifyToken: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.VerifyTokenRequest, _otpgate_pb2.VerifyTokenResponse]  # type: ignore[assignment]
     GetUser: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
+    """Only from a session that proved a code (LEVEL_2)."""
 
 class UserSelfServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -259,5 +287,13 @@ class UserSelfServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _otpgate_pb2.GetUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]: ...
+
+    @_abc_1.abstractmethod
+    def MakeRecoveryCodes(
+        self,
+        request: _otpgate_pb2.MakeRecoveryCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.RecoveryCodes, _abc.Awaitable[_otpgate_pb2.RecoveryCodes]]:
+        """Only from a session that proved a code (LEVEL_2)."""
 
 def add_UserSelfServiceServicer_to_server(servicer: UserSelfServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
