@@ -499,3 +499,9 @@ def test_a_stop_signal_during_start_waits_for_the_handler() -> None:
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           timeout=30)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "handled", done
+
+
+def test_a_clean_stop_leaves_no_socket_behind(daemon: Daemon) -> None:
+    assert daemon.stop(signal.SIGTERM) == 0
+    left = sorted(str(p.relative_to(daemon.runtime_dir)) for p in daemon.runtime_dir.rglob("*"))
+    assert left in ([], ["private"]), left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
@@ -314,6 +315,9 @@ def run(config: daemon_config.DaemonConfig) -> int:
     finally:
         if relay is not None:
             relay.stop()
+            # The user gRPC server's own socket (gRPC leaves a Unix socket behind).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(private_dir, "user.sock"))
         store.close()
 
 

@@ -127,6 +127,7 @@ class UserSocketRelay:
         clock: Clock = time.monotonic,
     ) -> None:
         self.public_path = public_path
+        self._bound = False
         self.upstream_path = upstream_path
         self.registry = registry
         self.budgets = budgets
@@ -154,6 +155,7 @@ class UserSocketRelay:
         listener.listen(4096)  # the kernel caps it at net.core.somaxconn
         listener.setblocking(False)
         self._listener = listener
+        self._bound = True
 
     def start(self) -> None:
         assert self._listener is not None, "bind() first"
@@ -176,6 +178,10 @@ class UserSocketRelay:
             self._close(link)
         if self._listener is not None:
             self._listener.close()
+        if self._bound:
+            # Ours (bind() made it): a stopped daemon leaves no socket that looks served.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.public_path)
         self._wake_r.close()
         self._wake_w.close()
 
