@@ -4,6 +4,7 @@
     ├── InvalidArgument          bad input; names the field and its bounds
     ├── NotFound                 no such account (or no secret where one is needed)
     ├── FailedPrecondition       the request is valid but the state forbids it
+    │   └── SecretChanged        the account's secret is no longer the one checked
     ├── Unauthenticated          user.sock call without a valid session
     ├── PermissionDenied         a session acting on another account, or a caller
     │                            logging in as someone else
@@ -37,6 +38,10 @@ class NotFound(OtpgateError):
 
 
 class FailedPrecondition(OtpgateError):
+    pass
+
+
+class SecretChanged(FailedPrecondition):
     pass
 
 

@@ -129,7 +129,7 @@ def daemon_config(daemon: Daemon) -> dict[str, Any]:
 
 def renew(daemon: Daemon, user: str, *extra: str) -> str:
     """Enroll `user` (the CLI's --qr none output is the URI alone); the URI."""
-    out = ok(daemon, "renew-secret", user, "--qr", "none", *extra)
+    out = ok(daemon, "renew-secret", "--now", user, "--qr", "none", *extra)
     assert out.count("\n") == 1, out
     return out.strip()
 
@@ -376,7 +376,7 @@ def test_update_needs_an_assignment() -> None:
 
 
 def test_renew_secret_prints_the_provisioning_uri(daemon: Daemon, user: LocalUser) -> None:
-    result = cli(daemon, "renew-secret", user.name, "--qr", "none")
+    result = cli(daemon, "renew-secret", "--now", user.name, "--qr", "none")
     assert (result.returncode, result.stderr) == (0, "")
     uri = result.stdout.removesuffix("\n")
     assert "\n" not in uri
@@ -388,7 +388,7 @@ def test_renew_secret_prints_the_provisioning_uri(daemon: Daemon, user: LocalUse
     # Every renewal makes a new secret.
     assert secret_of(renew(daemon, user.name)) != query["secret"][0]
     # Without a terminal the default is no QR code: the same single line.
-    assert re.fullmatch(r"otpauth://totp/\S+\n", ok(daemon, "renew-secret", user.name))
+    assert re.fullmatch(r"otpauth://totp/\S+\n", ok(daemon, "renew-secret", "--now", user.name))
 
 
 def test_renew_secret_digits_and_interval(daemon: Daemon, user: LocalUser) -> None:
@@ -426,7 +426,7 @@ def test_renew_secret_digits_and_interval(daemon: Daemon, user: LocalUser) -> No
     # A refused renewal keeps the secret that was there.
     assert ok(daemon, "provisioning-uri", user.name).strip() == uri
     assert_usage_error(
-        cli(daemon, "renew-secret", user.name, "--otp-digits", "eight"),
+        cli(daemon, "renew-secret", "--now", user.name, "--otp-digits", "eight"),
         "otpgate renew-secret",
         "argument --otp-digits: invalid int value: 'eight'",
     )
@@ -446,7 +446,10 @@ def test_renew_secret_uses_the_configured_defaults(daemon: Daemon, user: LocalUs
 
 
 def test_renew_secret_json(daemon: Daemon, user: LocalUser) -> None:
-    for args in (["renew-secret", user.name, "--json"], ["--json", "renew-secret", user.name]):
+    for args in (
+        ["renew-secret", "--now", user.name, "--json"],
+        ["--json", "renew-secret", "--now", user.name],
+    ):
         result = cli(daemon, *args)
         assert (result.returncode, result.stderr) == (0, "")
         entry = json.loads(result.stdout)  # nothing but the JSON on stdout
@@ -471,6 +474,8 @@ def test_renew_secret_json(daemon: Daemon, user: LocalUser) -> None:
             },
             "failed_attempts": 0,
             "locked_seconds": 0,
+            "recovery_codes_left": 0,
+            "pending_expires_in": 0,
         }
         assert entry["gid"] == os.stat(f"/home/{user.name}").st_gid
         assert ok(daemon, "provisioning-uri", user.name).strip() == uri
@@ -487,7 +492,7 @@ def test_renew_secret_replaces_the_old_one(daemon: Daemon, user: LocalUser) -> N
 
 
 def test_renew_secret_defaults_to_the_caller(daemon: Daemon) -> None:
-    uri = ok(daemon, "renew-secret", "--qr", "none").strip()
+    uri = ok(daemon, "renew-secret", "--now", "--qr", "none").strip()
     assert uri_parts(uri)[0] == f"otpgate-test:root@{HOST}"
     assert ok(daemon, "provisioning-uri").strip() == uri
     shown = json.loads(ok(daemon, "user", "show", "--json"))
@@ -550,7 +555,7 @@ def test_provisioning_uri(
 
 def test_qr_png_decodes_to_the_uri(daemon: Daemon, user: LocalUser, tmp_path: Path) -> None:
     png = tmp_path / "code.png"
-    result = cli(daemon, "renew-secret", user.name, "--qr", f"png:{png}")
+    result = cli(daemon, "renew-secret", "--now", user.name, "--qr", f"png:{png}")
     assert result.returncode == 0
     assert result.stderr == f"QR code written to {png} (mode 0600: it holds the secret)\n"
     uri = result.stdout.removesuffix("\n")
@@ -570,7 +575,7 @@ def test_qr_png_decodes_to_the_uri(daemon: Daemon, user: LocalUser, tmp_path: Pa
 
 def test_qr_png_with_json(daemon: Daemon, user: LocalUser, tmp_path: Path) -> None:
     png = tmp_path / "code.png"
-    result = cli(daemon, "renew-secret", user.name, "--json", "--qr", f"png:{png}")
+    result = cli(daemon, "renew-secret", "--now", user.name, "--json", "--qr", f"png:{png}")
     assert result.returncode == 0
     uri = json.loads(result.stdout)["twofactor_config"]["provisioning_uri"]
     assert zbar(png) == uri + "\n"
@@ -797,7 +802,7 @@ def test_verify_reads_the_code_from_stdin(daemon: Daemon, user: LocalUser) -> No
     wrong = cli(daemon, "verify", user.name, "-", stdin=f"  {wrong_code(secret)}  \n")
     assert (wrong.returncode, wrong.stdout, wrong.stderr) == (1, "false\n", "")
     empty = cli(daemon, "verify", user.name, "-", stdin="")
-    assert_error(empty, "InvalidArgument: token: must be 6 to 8 ASCII digits")
+    assert_error(empty, "InvalidArgument: token: must be 6 to 8 ASCII digits, or a recovery code")
 
 
 def test_verify_malformed_codes(daemon: Daemon, user: LocalUser) -> None:
@@ -810,7 +815,7 @@ def test_verify_malformed_codes(daemon: Daemon, user: LocalUser) -> None:
         assert (result.returncode, result.stdout, result.stderr) == (
             2,
             "",
-            "InvalidArgument: token: must be 6 to 8 ASCII digits\n",
+            "InvalidArgument: token: must be 6 to 8 ASCII digits, or a recovery code\n",
         ), token
     # Malformed codes are refused before they count as attempts.
     assert user_json(daemon, user.name)["failed_attempts"] == 0
@@ -1001,7 +1006,8 @@ def test_user_show(daemon: Daemon, user: LocalUser) -> None:
         ("id", user.uid), ("uid", user.uid), ("username", user.name), ("full_name", ""),
         ("home", f"/home/{user.name}"), ("shell", "/bin/bash"), ("gid", gid), ("groups", gid),
         ("local", "true"), ("twofactor_auth_configured", "true"), ("failed_attempts", 0),
-        ("locked_seconds", 0), ("twofactor_interval", 45), ("twofactor_otp_digits", 6),
+        ("locked_seconds", 0), ("recovery_codes_left", 0), ("pending_expires_in", 0),
+        ("twofactor_interval", 45), ("twofactor_otp_digits", 6),
     ]  # fmt: skip
     expected = "".join(f"{key:<25}  {value}\n" for key, value in pairs)
     assert ok(daemon, "user", "show", user.name) == expected
@@ -1122,7 +1128,8 @@ def test_stopped_daemon(daemon: Daemon) -> None:
 
 
 def test_usage_errors() -> None:
-    names = "config update renew-secret provisioning-uri verify unset-secret doctor setup user"
+    names = "config update renew-secret provisioning-uri verify confirm unset-secret unlock "
+    names += "recovery-codes doctor setup user"
     choices = ", ".join(f"'{name}'" for name in names.split())
     cases = [
         ([], "otpgate", "the following arguments are required: COMMAND"),
@@ -1237,7 +1244,7 @@ def test_closed_stdout_is_no_error_and_the_renewal_stands(daemon: Daemon, user: 
     # is gone before the CLI writes a byte.
     before = renew(daemon, user.name)
     env = {**os.environ, "OTPGATE_SOCKET": daemon.admin_socket}
-    for args, status in ((["renew-secret", user.name, "--qr", "ansi"], 0),
+    for args, status in ((["renew-secret", "--now", user.name, "--qr", "ansi"], 0),
                          (["verify", user.name, "000000"], 1)):  # fmt: skip
         read_end, write_end = os.pipe()
         os.close(read_end)
@@ -1346,4 +1353,33 @@ def test_readme_cli_table_lists_every_command() -> None:
     rows = [row for row in tables[0].splitlines()[2:]]
     named = {re.match(r"\| `otpgate ([a-z-]+(?: (?:show|list|ssh))?)", row)[1] for row in rows}  # type: ignore[index]
     assert named == {"config", "update", "renew-secret", "provisioning-uri", "verify",
-                     "unset-secret", "user show", "user list", "doctor", "setup ssh"}  # fmt: skip
+                     "confirm", "unset-secret", "unlock", "recovery-codes", "user show",
+                     "user list", "doctor", "setup ssh"}  # fmt: skip
+
+
+def test_renewal_waits_for_confirm_and_the_old_code_works_meanwhile(
+    daemon: Daemon, user: LocalUser
+) -> None:
+    old = secret_of(renew(daemon, user.name))
+    pending = cli(daemon, "renew-secret", user.name, "--qr", "none")
+    assert pending.returncode == 0
+    assert "pending: confirm within 15 minutes" in pending.stderr
+    assert "the current secret keeps working until then" in pending.stderr
+    new = secret_of(pending.stdout.strip())
+    assert new != old
+    assert secret_of(ok(daemon, "provisioning-uri", user.name).strip()) == old
+    shown = user_json(daemon, user.name)
+    assert 0 < shown["pending_expires_in"] <= 900
+    wrong = cli(daemon, "confirm", user.name, oathtool(old))
+    assert wrong.returncode == 2
+    assert wrong.stderr == "InvalidArgument: token: is not a current code of the pending secret\n"
+    assert ok(daemon, "verify", user.name, oathtool(old)) == "true\n"  # no gap
+    code = oathtool(new)
+    done = cli(daemon, "confirm", user.name, code)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"new 2FA secret of {user.name} confirmed: the old one no longer works\n"
+    assert secret_of(ok(daemon, "provisioning-uri", user.name).strip()) == new
+    assert cli(daemon, "verify", user.name, code).stdout == "false\n"  # spent by confirm
+    again = cli(daemon, "confirm", user.name, code)
+    assert again.returncode == 2 and again.stderr.startswith("FailedPrecondition: ")
+    assert "no pending 2FA secret" in again.stderr

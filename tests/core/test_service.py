@@ -428,3 +428,64 @@ def test_deciding_and_verifying_resolve_no_display_facts(env: tuple) -> None:
     assert accounts.details_asked == ["alice"]
     assert [v.account.username for v in service.list_users()] == ["alice", "bob"]
     assert accounts.details_asked == ["alice", "alice", "bob"]
+
+
+# -- confirmed enrollment ---------------------------------------------------------------
+
+
+def _pending_totp(view: object) -> pyotp.TOTP:
+    uri = view.provisioning_uri  # type: ignore[attr-defined]
+    return pyotp.parse_uri(uri)  # type: ignore[no-any-return]
+
+
+def test_a_renewal_waits_for_a_code_while_the_old_secret_works(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.renew_secret("alice")
+    old = _secret(service, "alice")
+    view = service.renew_secret("alice", pending=True)
+    new = _pending_totp(view)
+    assert new.secret != old.secret
+    assert view.record is not None and view.pending_expires_in == 15 * 60
+    assert _secret(service, "alice").secret == old.secret  # still the old one
+    clock.now += 30
+    assert service.verify("alice", old.at(clock.now), via="t").valid  # no gap
+    # A code of the new secret does not log in before it is confirmed...
+    clock.now += 30
+    assert service.verify("alice", new.at(clock.now), via="t").result is VerifyResult.INVALID
+    # ...a wrong one does not confirm; a right one does, and is spent by it.
+    with pytest.raises(InvalidArgument, match="not a current code of the pending secret"):
+        service.confirm_secret("alice", old.at(clock.now))
+    confirming = new.at(clock.now)
+    view = service.confirm_secret("alice", confirming)
+    assert view.pending_expires_in == 0
+    assert service.verify("alice", confirming, via="t").result is VerifyResult.REPLAYED
+    clock.now += 30
+    assert service.verify("alice", old.at(clock.now), via="t").result is VerifyResult.INVALID
+    assert service.verify("alice", new.at(clock.now), via="t").valid
+    with pytest.raises(FailedPrecondition, match="no pending 2FA secret"):
+        service.confirm_secret("alice", new.at(clock.now))
+
+
+def test_a_pending_secret_expires_and_never_enrolls(env: tuple) -> None:
+    service, clock, _, _ = env
+    service.update_config(
+        {"enabled": True, "services_ssh": True, "enrollment_policy": EnrollmentPolicy.REQUIRED}
+    )
+    view = service.renew_secret("bob", pending=True)
+    assert view.record is None  # a first enrollment: nothing active yet
+    assert service.verify("bob", "123456", via="t").result is VerifyResult.NOT_ENROLLED
+    gate = Gate(service, lambda user, password: PasswordResult.OK)
+    assert gate.check("bob", "sshd").verdict is Verdict.NOT_ENROLLED
+    clock.now += 15 * 60
+    with pytest.raises(FailedPrecondition, match="expired"):
+        service.confirm_secret("bob", _pending_totp(view).at(clock.now))
+    assert service.get_user("bob").pending_expires_in == 0
+
+
+def test_renewing_again_replaces_the_pending_secret(env: tuple) -> None:
+    service, clock, _, _ = env
+    first = _pending_totp(service.renew_secret("alice", pending=True))
+    second = _pending_totp(service.renew_secret("alice", pending=True))
+    with pytest.raises(InvalidArgument):
+        service.confirm_secret("alice", first.at(clock.now))
+    assert service.confirm_secret("alice", second.at(clock.now)).record is not None

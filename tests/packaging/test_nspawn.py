@@ -110,7 +110,9 @@ password_and_code() {
 }
 code() { oathtool --totp -b "$1" -N "@$(($(date +%s) + ${2:-0}))"; }
 main_pid() { systemctl show -p MainPID --value otpgated; }
-secret_of() { otpgate renew-secret "$1" --qr none | sed -n 's/.*[?&]secret=\([A-Z2-7]*\).*/\1/p'; }
+secret_of() {
+  otpgate renew-secret --now "$1" --qr none | sed -n 's/.*[?&]secret=\([A-Z2-7]*\).*/\1/p'
+}
 restarted_since() { systemctl is-active -q otpgated && [ "$(main_pid)" != "$1" ]; }
 absent() { for p in "$@"; do ! test -e "$p" || return 1; done; }
 no_daemon() { ! systemctl is-active -q otpgated && ! pgrep -f '^/usr/lib/otpgate/'; }
@@ -134,7 +136,7 @@ key_before=$(sha256sum /etc/otpgate/otpgate.key)
 # Enroll and wire sshd.
 secret=$(secret_of alice)
 bob_secret=$(secret_of bob)
-check enroll sh -c "[ -n '$secret' ] && otpgate renew-secret root --qr none >/dev/null"
+check enroll sh -c "[ -n '$secret' ] && otpgate renew-secret --now root --qr none >/dev/null"
 check enable_2fa otpgate update enabled=true services.ssh=true window=1
 check setup_ssh otpgate setup ssh --flow password
 check hook_path_substituted grep -q '/usr/bin/python3 -I -S /usr/lib/otpgate/otpgate-pam-hook ' \

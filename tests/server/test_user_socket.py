@@ -274,10 +274,20 @@ def test_cli_as_ordinary_user_enrolls_itself(
     assert enrolled.returncode == 0, enrolled.stderr
     uri = enrolled.stdout.strip()
     assert uri.startswith("otpauth://totp/") and f"{user.name}%40" in uri
-    # Enrolled now: even with 2FA off, logging in takes the code as well (LEVEL_2).
+    assert "pending: confirm within 15 minutes" in enrolled.stderr
     # window=1, so that a code read just before a 30 s boundary is still good after it.
     public_login_daemon.admin().UpdateConfig(pb.UpdateConfigRequest(window=1), timeout=5)
     totp = pyotp.parse_uri(uri)
+    # Not enrolled until a code from the new secret confirms it (that code is spent).
+    entry = public_login_daemon.admin().GetUser(pb.GetUserRequest(username=user.name), timeout=5)
+    assert not entry.twofactor_auth_configured and entry.pending_expires_in > 0
+    confirming = totp.now()
+    confirmed = _cli_as(
+        cli_python, user, public_login_daemon, ["confirm", confirming], f"{user.password}\n"
+    )
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert "confirmed" in confirmed.stdout
+    # Enrolled now: even with 2FA off, logging in takes the code as well (LEVEL_2).
     refused = _cli_as(
         cli_python,
         user,

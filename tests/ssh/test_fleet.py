@@ -70,7 +70,7 @@ def enroll_with_cli(daemon: Daemon, user: LocalUser) -> pyotp.TOTP:
     """`otpgate --socket ADMIN.sock renew-secret USER`, the way an administrator enrolls."""
     result = subprocess.run(
         [sys.executable, "-m", "otpgate.cli.main", "--socket", daemon.admin_socket,
-         "--json", "renew-secret", user.name, "--qr", "none"],
+         "--json", "renew-secret", "--now", user.name, "--qr", "none"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -69,7 +69,10 @@ class Client(Protocol):
 
     def get_config(self) -> pb.TwoFactorConfig: ...
     def update_config(self, changes: pb.UpdateConfigRequest) -> pb.TwoFactorConfig: ...
-    def renew_secret(self, user: str, *, otp_digits: int, interval: int) -> pb.UserEntry: ...
+    def renew_secret(
+        self, user: str, *, otp_digits: int, interval: int, pending: bool
+    ) -> pb.UserEntry: ...
+    def confirm_secret(self, user: str, token: str) -> pb.UserEntry: ...
     def provisioning_uri(self, user: str) -> str: ...
     def verify(self, user: str, token: str) -> Verification: ...
     def unset_secret(self, user: str) -> pb.UserEntry: ...
@@ -267,8 +270,15 @@ class AdminClient(_Transport):
     def update_config(self, changes: pb.UpdateConfigRequest) -> pb.TwoFactorConfig:
         return self._call(self._admin().UpdateConfig, changes)
 
-    def renew_secret(self, user: str, *, otp_digits: int, interval: int) -> pb.UserEntry:
-        return self._call(self._admin().RenewSecret, _renew_request(user, otp_digits, interval))
+    def renew_secret(
+        self, user: str, *, otp_digits: int, interval: int, pending: bool
+    ) -> pb.UserEntry:
+        request = _renew_request(user, otp_digits, interval, pending)
+        return self._call(self._admin().RenewSecret, request)
+
+    def confirm_secret(self, user: str, token: str) -> pb.UserEntry:
+        request = pb.ConfirmSecretRequest(username=user, token=token)
+        return self._call(self._admin().ConfirmSecret, request)
 
     def provisioning_uri(self, user: str) -> str:
         request = pb.GetProvisioningUriRequest(username=user)
@@ -295,9 +305,11 @@ class AdminClient(_Transport):
         return list(self._call(self._admin().MakeRecoveryCodes, request).codes)
 
 
-def _renew_request(user: str, otp_digits: int, interval: int) -> pb.RenewSecretRequest:
+def _renew_request(
+    user: str, otp_digits: int, interval: int, pending: bool
+) -> pb.RenewSecretRequest:
     options = pb.TwoFactorOptions(otp_digits=otp_digits, interval=interval)
-    return pb.RenewSecretRequest(username=user, twofactor_options=options)
+    return pb.RenewSecretRequest(username=user, twofactor_options=options, pending=pending)
 
 
 class SelfServiceClient(_Transport):
@@ -342,11 +354,18 @@ class SelfServiceClient(_Transport):
 
     # -- the caller's own account -------------------------------------------------------
 
-    def renew_secret(self, user: str, *, otp_digits: int, interval: int) -> pb.UserEntry:
+    def renew_secret(
+        self, user: str, *, otp_digits: int, interval: int, pending: bool
+    ) -> pb.UserEntry:
         self._own(user)
         return self._session_call(
-            self._user().RenewSecret, _renew_request(user, otp_digits, interval)
+            self._user().RenewSecret, _renew_request(user, otp_digits, interval, pending)
         )
+
+    def confirm_secret(self, user: str, token: str) -> pb.UserEntry:
+        self._own(user)
+        request = pb.ConfirmSecretRequest(username=user, token=token)
+        return self._session_call(self._user().ConfirmSecret, request)
 
     def provisioning_uri(self, user: str) -> str:
         self._own(user)

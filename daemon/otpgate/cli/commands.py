@@ -86,6 +86,11 @@ class Unlocked(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class Confirmed(Result):
+    user: pb.UserEntry
+
+
+@dataclasses.dataclass(frozen=True)
 class RecoveryCodesMade(Result):
     username: str
     codes: list[str]
@@ -243,6 +248,7 @@ def renew_secret(client: Client, args: argparse.Namespace) -> UriShown:
         user,
         otp_digits=_option("--otp-digits", args.otp_digits, DIGITS_BOUNDS),
         interval=_option("--interval", args.interval, INTERVAL_BOUNDS),
+        pending=not args.now,
     )
     uri = entry.twofactor_config.provisioning_uri
     return UriShown(uri, spec, _write_qr_file(uri, spec), entry)
@@ -264,6 +270,12 @@ def unset_secret(client: Client, args: argparse.Namespace) -> SecretUnset:
     if not args.user:
         raise InvalidArgument("USER", "must not be empty")
     return SecretUnset(client.unset_secret(args.user))
+
+
+def confirm(client: Client, args: argparse.Namespace) -> Confirmed:
+    user = user_argument(args.user)
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    return Confirmed(client.confirm_secret(user, token))
 
 
 def unlock(client: Client, args: argparse.Namespace) -> Unlocked:

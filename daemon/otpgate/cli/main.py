@@ -122,9 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         commands_,
         "renew-secret",
         commands.renew_secret,
-        "create a new 2FA secret for USER (default: you); the old one stops working",
+        "create a new 2FA secret for USER (default: you), to confirm with a code",
+        "Create a new 2FA secret for USER (default: you) and show its URI and QR code. It "
+        "waits (15 minutes) for `otpgate confirm [USER] CODE` with a code from it; until "
+        "then the current secret, if any, keeps working. --now replaces it at once.",
     )
     renew.add_argument("user", nargs="?", metavar="USER")
+    renew.add_argument(
+        "--now", action="store_true", help="replace the secret at once, without confirmation"
+    )
     renew.add_argument("--otp-digits", type=int, metavar="N", help="digits per code, 6..8")
     renew.add_argument("--interval", type=int, metavar="S", help="seconds per code, 5..120")
     renew.add_argument("--qr", metavar="FORMAT", help=qr_help)
@@ -144,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("user", nargs="?", metavar="USER", help="the account (default: you)")
     verify.add_argument("token", metavar="TOKEN", help="the code; '-' reads it from stdin")
+    confirm = command(
+        commands_,
+        "confirm",
+        commands.confirm,
+        "confirm USER's new secret (renew-secret) with a code from it",
+        "Make USER's pending secret (from renew-secret) the one in use, given a current code "
+        "from it; that code is spent and the old secret stops working.",
+    )
+    confirm.add_argument("user", nargs="?", metavar="USER", help="the account (default: you)")
+    confirm.add_argument("token", metavar="CODE", help="a code from the new secret; '-': stdin")
     unset = command(commands_, "unset-secret", commands.unset_secret, "remove USER's 2FA secret")
     unset.add_argument("user", metavar="USER")
     unlock = command(

@@ -25,6 +25,7 @@ from otpgate.cli.client import CODE_NOT_ACCEPTED, Verification
 from otpgate.cli.commands import (
     ConfigShown,
     ConfigUpdated,
+    Confirmed,
     DoctorReport,
     RecoveryCodesMade,
     Result,
@@ -142,6 +143,18 @@ def _(result: UriShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
         qr.emit(result.uri, result.qr, out)
     else:
         print(f"QR code written to {result.qr_file} (mode 0600: it holds the secret)", file=err)
+    if result.user is not None and result.user.pending_expires_in:
+        minutes = max(1, result.user.pending_expires_in // 60)
+        before = (
+            "the current secret keeps working until then; "
+            if (result.user.twofactor_auth_configured)
+            else ""
+        )
+        print(
+            f"pending: confirm within {minutes} minutes with a code from it: otpgate confirm "
+            f"{result.user.username} CODE ({before}renew-secret --now replaces at once)",
+            file=err,
+        )
 
 
 _REASONS = {
@@ -155,7 +168,10 @@ _REASONS = {
 def _(result: Verified, *, as_json: bool, out: TextIO, err: TextIO) -> None:
     verdict: Verification = result.verification
     if as_json:
-        _json(dataclasses.asdict(verdict), out, indent=None)
+        data = dataclasses.asdict(verdict)
+        if verdict.recovery_codes_left is None:  # said only when a recovery code was used
+            del data["recovery_codes_left"]
+        _json(data, out, indent=None)
         return
     print("true" if verdict.valid else "false", file=out)
     if verdict.result == "locked":
@@ -175,6 +191,17 @@ def _(result: SecretUnset, *, as_json: bool, out: TextIO, err: TextIO) -> None:
         _json(message_dict(result.user), out)
     else:
         print(f"2FA secret of {result.user.username} removed", file=out)
+
+
+@render.register
+def _(result: Confirmed, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    if as_json:
+        _json(message_dict(result.user), out)
+    else:
+        print(
+            f"new 2FA secret of {result.user.username} confirmed: the old one no longer works",
+            file=out,
+        )
 
 
 @render.register

@@ -129,12 +129,21 @@ class Store(Protocol):
         ...
 
     def confirm_pending(
-        self, username: str, uid: int, sealed: Sealed, step: int, *, now: int
+        self,
+        username: str,
+        uid: int,
+        sealed: Sealed,
+        step: int,
+        *,
+        now: int,
+        expected: object = ...,
     ) -> bool:
         """In one transaction: if the pending secret is still `sealed`, of this uid
-        and not expired at `now`, make it the active secret (replacing the old one
-        and its recovery codes) with `step` already spent, and drop it from pending.
-        False otherwise; of concurrent confirmations at most one succeeds."""
+        and not expired at `now`, and the active secret is still `expected` (as in
+        put_secret; by default whatever it is), make the pending one the active
+        secret (replacing the old one and its recovery codes) with `step` already
+        spent, and drop it from pending. False otherwise; of concurrent
+        confirmations at most one succeeds."""
         ...
 
     # Recovery codes: only keyed hashes are stored (core.recovery).

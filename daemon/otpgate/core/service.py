@@ -27,12 +27,16 @@ from otpgate.errors import (
     InvalidArgument,
     KeyMismatch,
     NotFound,
+    SecretChanged,
     StoreUnavailable,
 )
 
 log = logging.getLogger("otpgated")
 
 Clock = Callable[[], float]
+# How long a renewed secret waits for its first code (renew_secret(pending=True)):
+# time to scan a QR code and read a code, not long enough to be forgotten about.
+PENDING_SECONDS = 15 * 60
 _KEY_CHECK_PLAINTEXT = b"otpgate key check v1"
 _KEY_CHECK_BINDING = b"otpgate/v1 key check"
 
@@ -75,6 +79,7 @@ class UserView:
     locked_seconds: int = 0
     provisioning_uri: str | None = None
     recovery_codes_left: int = 0
+    pending_expires_in: int = 0  # a renewed secret waits for its first code this long
 
 
 class TwoFactorService:
@@ -198,10 +203,17 @@ class TwoFactorService:
         otp_digits: int | None = None,
         interval: int | None = None,
         expected: object = ANY_SECRET,
+        pending: bool = False,
     ) -> UserView:
         """A new secret for `username`, replacing any; with `expected` (see
         Store.put_secret) only if the account's secret is still what the caller
-        checked, else FailedPrecondition and nothing changes."""
+        checked, else FailedPrecondition and nothing changes.
+
+        With `pending`, the new secret waits (PENDING_SECONDS) beside the current
+        one, which keeps working, until confirm_secret sees a code from it; the
+        view then carries the current record and the new secret's URI. A pending
+        secret never lets anyone in: an account with nothing else is not enrolled.
+        """
         settings = self._store.load_settings()
         digits = check_int("otp_digits", otp_digits or settings.otp_digits, DIGITS_BOUNDS)
         seconds = check_int("interval", interval or settings.interval, INTERVAL_BOUNDS)
@@ -217,12 +229,52 @@ class TwoFactorService:
             interval=seconds,
             created_at=int(self._clock()),
         )
+        uri = self._uri(account, record, settings)
+        if pending:
+            # `expected` is checked again when it is confirmed, under the same lock.
+            self._store.put_pending(record, expires_at=record.created_at + PENDING_SECONDS)
+            log.info(
+                "secret_pending user=%s digits=%d interval=%d", account.username, digits, seconds
+            )
+            view = self._view(account, self._record_for(account))
+            return dataclasses.replace(view, provisioning_uri=uri)
         if not self._store.put_secret(record, expected=expected):
-            raise FailedPrecondition(f"the 2FA secret of {account.username} changed meanwhile")
+            raise SecretChanged(f"the 2FA secret of {account.username} changed meanwhile")
         log.info("secret_renewed user=%s digits=%d interval=%d", account.username, digits, seconds)
-        return UserView(
-            self._details(account), record, provisioning_uri=self._uri(account, record, settings)
+        return UserView(self._details(account), record, provisioning_uri=uri)
+
+    def confirm_secret(
+        self, username: str, token: str, *, expected: object = ANY_SECRET
+    ) -> UserView:
+        """Make the account's pending secret its secret, given a current code from
+        it (that code is then spent); the old secret stops working. FailedPrecondition
+        when there is none (or it expired, or `expected` no longer holds)."""
+        totp.check_token_format(token)
+        account = self._account(username)
+        now = self._clock()
+        pending = self._store.get_pending(account.username)
+        if pending is None or pending[0].uid != account.uid or pending[1] <= int(now):
+            raise FailedPrecondition(
+                f"{account.username} has no pending 2FA secret (or it expired after "
+                f"{PENDING_SECONDS // 60} minutes): renew it again"
+            )
+        record = pending[0]
+        step = totp.matching_step(
+            self._open(record).decode(),
+            token,
+            now=now,
+            interval=record.interval,
+            digits=record.otp_digits,
+            window=self._store.load_settings().window,
         )
+        if step is None:
+            raise InvalidArgument("token", "is not a current code of the pending secret")
+        if not self._store.confirm_pending(
+            account.username, account.uid, record.sealed, step, now=int(now), expected=expected
+        ):
+            raise SecretChanged(f"the 2FA secret of {account.username} changed meanwhile")
+        log.info("secret_confirmed user=%s", account.username)
+        return self._view(account, self._record_for(account))
 
     def provisioning_uri(self, username: str) -> str:
         account = self._account(username)
@@ -271,7 +323,14 @@ class TwoFactorService:
             record,
             locked_seconds=self._locked_seconds(record),
             recovery_codes_left=left,
+            pending_expires_in=self._pending_left(account),
         )
+
+    def _pending_left(self, account: Account) -> int:
+        pending = self._store.get_pending(account.username)
+        if pending is None or pending[0].uid != account.uid:
+            return 0
+        return max(0, pending[1] - int(self._clock()))
 
     def unlock(self, username: str) -> UserView:
         """Clear the account's lockout and wrong-code count; the secret stays."""

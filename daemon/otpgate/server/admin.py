@@ -46,6 +46,7 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
             request.username,
             otp_digits=options.otp_digits or None,
             interval=options.interval or None,
+            pending=request.pending,
         )
         return user_to_pb(view)
 
@@ -89,3 +90,9 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
         self, request: pb.MakeRecoveryCodesRequest, context: grpc.ServicerContext
     ) -> pb.RecoveryCodes:
         return pb.RecoveryCodes(codes=self._service.make_recovery_codes(request.username))
+
+    @rpc
+    def ConfirmSecret(
+        self, request: pb.ConfirmSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        return user_to_pb(self._service.confirm_secret(request.username, request.token))

@@ -89,6 +89,7 @@ def user_to_pb(view: UserView) -> pb.UserEntry:
         failed_attempts=record.failures if record else 0,
         locked_seconds=view.locked_seconds,
         recovery_codes_left=view.recovery_codes_left,
+        pending_expires_in=view.pending_expires_in,
     )
 
 

@@ -18,9 +18,9 @@ from otpgate.core.login import Level, LoginOutcome, Logins, Response, Session
 from otpgate.core.service import TwoFactorService, UserView
 from otpgate.core.throttle import Spacing
 from otpgate.errors import (
-    FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
+    SecretChanged,
     TooManyAttempts,
     Unauthenticated,
 )
@@ -180,8 +180,34 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
                 otp_digits=options.otp_digits or None,
                 interval=options.interval or None,
                 expected=checked.record.sealed if checked.record else None,
+                pending=request.pending,
             )
-        except FailedPrecondition:
+        except SecretChanged:
+            raise Unauthenticated(
+                "this account's 2FA secret changed meanwhile: log in again with a code"
+            ) from None
+        if view.record is not None and not request.pending:
+            self._logins.note_created_secret(_token(context), view.record.sealed)
+        return user_to_pb(view)
+
+    @rpc
+    def ConfirmSecret(
+        self, request: pb.ConfirmSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        username, checked, _ = self._own_view(context, request.username)
+        wait = self._verifications.take(username)
+        if wait:
+            raise TooManyAttempts(
+                f"{username} checked a code moments ago: try again in {math.ceil(wait)} s", wait
+            )
+        try:
+            # As RenewSecret: only over the secret this session was allowed to replace.
+            view = self._service.confirm_secret(
+                username,
+                request.token,
+                expected=checked.record.sealed if checked.record else None,
+            )
+        except SecretChanged:
             raise Unauthenticated(
                 "this account's 2FA secret changed meanwhile: log in again with a code"
             ) from None

@@ -519,9 +519,32 @@ class PostgresStore:
         return codec.pending_record(rows[0]) if rows else None
 
     def confirm_pending(
-        self, username: str, uid: int, sealed: Sealed, step: int, *, now: int
+        self,
+        username: str,
+        uid: int,
+        sealed: Sealed,
+        step: int,
+        *,
+        now: int,
+        expected: object = ANY_SECRET,
     ) -> bool:
         with self._transaction() as conn:
+            if expected is not ANY_SECRET:
+                # The active row locked until commit: nobody replaces it in between.
+                current = conn.execute(
+                    "SELECT uid, nonce, ciphertext FROM secrets WHERE username = %s "
+                    "AND status = 'active' FOR UPDATE",
+                    (username,),
+                ).fetchone()
+                mine = current if current is not None and current[0] == uid else None
+                if expected is None and mine is not None:
+                    return False
+                if expected is not None and (
+                    not isinstance(expected, Sealed)
+                    or mine is None
+                    or (bytes(mine[1]), bytes(mine[2])) != (expected.nonce, expected.ciphertext)
+                ):
+                    return False
             # DELETE ... RETURNING takes the row: of two confirmations one gets it.
             row = conn.execute(
                 f"""DELETE FROM pending_secrets WHERE username = %s AND uid = %s

@@ -222,23 +222,8 @@ class SQLiteStore:
 
     def put_secret(self, record: SecretRecord, *, expected: object = ANY_SECRET) -> bool:
         with self._transaction() as db:
-            if expected is not ANY_SECRET:
-                rows = db.execute(
-                    "SELECT uid, nonce, ciphertext FROM secrets "
-                    "WHERE username = ? AND status = 'active'",
-                    (record.username,),
-                ).fetchall()
-                # A row of another uid is a deleted account's: "no secret" for this one.
-                current = rows[0] if rows and rows[0][0] == record.uid else None
-                if expected is None:
-                    if current is not None:
-                        return False
-                elif (
-                    not isinstance(expected, Sealed)
-                    or current is None
-                    or ((current[1], current[2]) != (expected.nonce, expected.ciphertext))
-                ):
-                    return False
+            if not _still(db, record.username, record.uid, expected):
+                return False
             db.execute("DELETE FROM secrets WHERE username = ?", (record.username,))
             db.execute(
                 f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -343,9 +328,18 @@ class SQLiteStore:
         return codec.pending_record(rows[0]) if rows else None
 
     def confirm_pending(
-        self, username: str, uid: int, sealed: Sealed, step: int, *, now: int
+        self,
+        username: str,
+        uid: int,
+        sealed: Sealed,
+        step: int,
+        *,
+        now: int,
+        expected: object = ANY_SECRET,
     ) -> bool:
         with self._transaction() as db:
+            if not _still(db, username, uid, expected):
+                return False
             row = db.execute(
                 f"SELECT {codec.PENDING_COLUMNS}, expires_at FROM pending_secrets "
                 "WHERE username = ? AND uid = ? AND nonce = ? AND ciphertext = ? "
@@ -533,3 +527,23 @@ class _Checkpointer:
         self._stopping.set()
         self._thread.join()
         self._db.close()
+
+
+def _still(db: sqlite3.Connection, username: str, uid: int, expected: object) -> bool:
+    """Whether the account's active secret is still `expected` (Store.put_secret's
+    compare-and-set: ANY_SECRET, None for "no secret of this uid", or a Sealed)."""
+    if expected is ANY_SECRET:
+        return True
+    rows = db.execute(
+        "SELECT uid, nonce, ciphertext FROM secrets WHERE username = ? AND status = 'active'",
+        (username,),
+    ).fetchall()
+    # A row of another uid is a deleted account's: "no secret" for this one.
+    current = rows[0] if rows and rows[0][0] == uid else None
+    if expected is None:
+        return current is None
+    return (
+        isinstance(expected, Sealed)
+        and current is not None
+        and (bytes(current[1]), bytes(current[2])) == (expected.nonce, expected.ciphertext)
+    )

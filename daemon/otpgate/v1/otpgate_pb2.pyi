@@ -488,6 +488,7 @@ class UserEntry(_message.Message):
     FAILED_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LOCKED_SECONDS_FIELD_NUMBER: _builtins.int
     RECOVERY_CODES_LEFT_FIELD_NUMBER: _builtins.int
+    PENDING_EXPIRES_IN_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """API identifier: the uid for local accounts, uid + 100000000 for accounts
     from a directory service (as TrueNAS).
@@ -510,6 +511,10 @@ class UserEntry(_message.Message):
     """Seconds until the lockout ends; 0 when not locked."""
     recovery_codes_left: _builtins.int
     """Unused recovery codes (MakeRecoveryCodes); 0 without a secret."""
+    pending_expires_in: _builtins.int
+    """Seconds a pending secret (RenewSecret with pending) has left to be
+    confirmed; 0 when there is none.
+    """
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every group id the account belongs to, primary included."""
@@ -533,10 +538,11 @@ class UserEntry(_message.Message):
         failed_attempts: _builtins.int = ...,
         locked_seconds: _builtins.int = ...,
         recovery_codes_left: _builtins.int = ...,
+        pending_expires_in: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["twofactor_config", b"twofactor_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_attempts", b"failed_attempts", "full_name", b"full_name", "gid", b"gid", "groups", b"groups", "home", b"home", "id", b"id", "local", b"local", "locked_seconds", b"locked_seconds", "recovery_codes_left", b"recovery_codes_left", "shell", b"shell", "twofactor_auth_configured", b"twofactor_auth_configured", "twofactor_config", b"twofactor_config", "uid", b"uid", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_attempts", b"failed_attempts", "full_name", b"full_name", "gid", b"gid", "groups", b"groups", "home", b"home", "id", b"id", "local", b"local", "locked_seconds", b"locked_seconds", "pending_expires_in", b"pending_expires_in", "recovery_codes_left", b"recovery_codes_left", "shell", b"shell", "twofactor_auth_configured", b"twofactor_auth_configured", "twofactor_config", b"twofactor_config", "uid", b"uid", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,13 +576,25 @@ Global___TwoFactorOptions: _TypeAlias = TwoFactorOptions  # noqa: Y015
 
 @_typing.final
 class RenewSecretRequest(_message.Message):
-    """seed: user.renew_2fa_secret. Replaces any secret of the account at once."""
+    """seed: user.renew_2fa_secret. Replaces any secret of the account at once,
+    unless `pending`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     USERNAME_FIELD_NUMBER: _builtins.int
     TWOFACTOR_OPTIONS_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     username: _builtins.str
+    pending: _builtins.bool
+    """Keep the current secret (if any) working, and make the new one wait for
+    ConfirmSecret with a code from it, for at most 15 minutes; the reply's
+    provisioning_uri is the new secret's, the rest describes the account as it
+    still is. A pending secret never lets anyone in: under
+    enrollment_policy=required an account with only a pending secret is not
+    enrolled (refused, with the hint) until it is confirmed. Renewing again
+    replaces the pending secret. The CLI's renew-secret sets it unless --now.
+    """
     @_builtins.property
     def twofactor_options(self) -> Global___TwoFactorOptions: ...
     def __init__(
@@ -584,14 +602,38 @@ class RenewSecretRequest(_message.Message):
         *,
         username: _builtins.str = ...,
         twofactor_options: Global___TwoFactorOptions | None = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["twofactor_options", b"twofactor_options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["twofactor_options", b"twofactor_options", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending", "twofactor_options", b"twofactor_options", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewSecretRequest: _TypeAlias = RenewSecretRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    token: _builtins.str
+    """A current code (6..8 digits) of the pending secret; it is spent."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmSecretRequest: _TypeAlias = ConfirmSecretRequest  # noqa: Y015
 
 @_typing.final
 class GetProvisioningUriRequest(_message.Message):

@@ -81,6 +81,11 @@ class TwoFactorAdminStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.UnlockRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
                 _registered_method=True)
+        self.ConfirmSecret = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/ConfirmSecret',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
         self.MakeRecoveryCodes = channel.unary_unary(
                 '/otpgate.v1.TwoFactorAdmin/MakeRecoveryCodes',
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
@@ -148,6 +153,15 @@ class TwoFactorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmSecret(self, request, context):
+        """Make the pending secret (RenewSecret with pending) the account's secret.
+        FAILED_PRECONDITION without one (or after it expired); INVALID_ARGUMENT for
+        a code that is not one of its current codes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MakeRecoveryCodes(self, request, context):
         """A new set of recovery codes for an enrolled account, replacing any.
         """
@@ -201,6 +215,11 @@ def add_TwoFactorAdminServicer_to_server(servicer, server):
             'Unlock': grpc.unary_unary_rpc_method_handler(
                     servicer.Unlock,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UnlockRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'ConfirmSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSecret,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
             ),
             'MakeRecoveryCodes': grpc.unary_unary_rpc_method_handler(
@@ -465,6 +484,33 @@ class TwoFactorAdmin:
             _registered_method=True)
 
     @staticmethod
+    def ConfirmSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/ConfirmSecret',
+            otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def MakeRecoveryCodes(request,
             target,
             options=(),
@@ -702,6 +748,11 @@ class UserSelfServiceStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
                 _registered_method=True)
+        self.ConfirmSecret = channel.unary_unary(
+                '/otpgate.v1.UserSelfService/ConfirmSecret',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
 
 
 class UserSelfServiceServicer:
@@ -757,6 +808,13 @@ class UserSelfServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmSecret(self, request, context):
+        """The session's own pending secret; at most one try a second.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserSelfServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -799,6 +857,11 @@ def add_UserSelfServiceServicer_to_server(servicer, server):
                     servicer.MakeRecoveryCodes,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.SerializeToString,
+            ),
+            'ConfirmSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSecret,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1017,6 +1080,33 @@ class UserSelfService:
             '/otpgate.v1.UserSelfService/MakeRecoveryCodes',
             otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.UserSelfService/ConfirmSecret',
+            otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class TwoFactorAdminStub:
     ListUsers: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ListUsersRequest, _otpgate_pb2.ListUsersResponse]
     Unlock: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.UnlockRequest, _otpgate_pb2.UserEntry]
     """Clear a lockout and the wrong-code count; the secret stays."""
+    ConfirmSecret: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ConfirmSecretRequest, _otpgate_pb2.UserEntry]
+    """Make the pending secret (RenewSecret with pending) the account's secret.
+    FAILED_PRECONDITION without one (or after it expired); INVALID_ARGUMENT for
+    a code that is not one of its current codes.
+    """
     MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]
     """A new set of recovery codes for an enrolled account, replacing any."""
 
@@ -76,6 +81,11 @@ class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
     ListUsers: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ListUsersRequest, _otpgate_pb2.ListUsersResponse]  # type: ignore[assignment]
     Unlock: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.UnlockRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
     """Clear a lockout and the wrong-code count; the secret stays."""
+    ConfirmSecret: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ConfirmSecretRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """Make the pending secret (RenewSecret with pending) the account's secret.
+    FAILED_PRECONDITION without one (or after it expired); INVALID_ARGUMENT for
+    a code that is not one of its current codes.
+    """
     MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
     """A new set of recovery codes for an enrolled account, replacing any."""
 
@@ -147,6 +157,17 @@ class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
         """Clear a lockout and the wrong-code count; the secret stays."""
+
+    @_abc_1.abstractmethod
+    def ConfirmSecret(
+        self,
+        request: _otpgate_pb2.ConfirmSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """Make the pending secret (RenewSecret with pending) the account's secret.
+        FAILED_PRECONDITION without one (or after it expired); INVALID_ARGUMENT for
+        a code that is not one of its current codes.
+        """
 
     @_abc_1.abstractmethod
     def MakeRecoveryCodes(
@@ -222,6 +243,8 @@ class UserSelfServiceStub:
     GetUser: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]
     MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]
     """Only from a session that proved a code (LEVEL_2)."""
+    ConfirmSecret: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ConfirmSecretRequest, _otpgate_pb2.UserEntry]
+    """The session's own pending secret; at most one try a second."""
 
 @_typing.type_check_only
 class UserSelfServiceAsyncStub(UserSelfServiceStub):
@@ -236,6 +259,8 @@ class UserSelfServiceAsyncStub(UserSelfServiceStub):
     GetUser: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
     MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
     """Only from a session that proved a code (LEVEL_2)."""
+    ConfirmSecret: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ConfirmSecretRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """The session's own pending secret; at most one try a second."""
 
 class UserSelfServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -295,5 +320,13 @@ class UserSelfServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.RecoveryCodes, _abc.Awaitable[_otpgate_pb2.RecoveryCodes]]:
         """Only from a session that proved a code (LEVEL_2)."""
+
+    @_abc_1.abstractmethod
+    def ConfirmSecret(
+        self,
+        request: _otpgate_pb2.ConfirmSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """The session's own pending secret; at most one try a second."""
 
 def add_UserSelfServiceServicer_to_server(servicer: UserSelfServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
