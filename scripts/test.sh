@@ -6,7 +6,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 packages="python3 python3-venv pamtester openssh-server openssh-client sshpass oathtool zbar-tools
-  debootstrap systemd-container postgresql"
+  debootstrap systemd-container postgresql libpam-google-authenticator libpam-oath"
 . scripts/env.sh
 echo "test.sh: ruff"
 "$venv/bin/ruff" check .

@@ -470,3 +470,20 @@ def test_the_recovery_key_is_set_once(backend: Backend, store: Store) -> None:
     assert store.init_recovery_key(first) == first
     assert backend.open().init_recovery_key(second) == first
     assert store.recovery_key() == first
+
+
+def test_import_is_all_or_nothing(backend: Backend, store: Store) -> None:
+    store.put_secret(_record("carol", 1002))
+    items = [
+        (dataclasses.replace(_record("alice", 1000), last_step=7), [b"a" * 32, b"b" * 32]),
+        (_record("carol", 1002, fill=b"x"), []),
+    ]
+    assert store.import_secrets(items, now=5) == ["carol"]
+    assert store.get_secret("alice") is None  # nothing written
+    assert _current(store, "carol").sealed == _record("carol", 1002).sealed
+    assert store.import_secrets(items[:1], now=6) == []
+    imported = _current(store, "alice")
+    assert imported.last_step == 7 and store.recovery_codes_left("alice") == 2
+    assert backend.audit(store)[-1] == (6, "secret_imported", "alice")
+    # A row of another uid is a deleted account's: an import may take the name.
+    assert store.import_secrets([(_record("carol", 2002), [])], now=7) == []

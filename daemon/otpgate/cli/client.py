@@ -79,6 +79,7 @@ class Client(Protocol):
     def get_user(self, user: str) -> pb.UserEntry: ...
     def list_users(self) -> list[pb.UserEntry]: ...
     def unlock(self, user: str) -> pb.UserEntry: ...
+    def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]: ...
     def recovery_codes(self, user: str) -> list[str]: ...
     def close(self) -> None: ...
 
@@ -300,6 +301,10 @@ class AdminClient(_Transport):
     def unlock(self, user: str) -> pb.UserEntry:
         return self._call(self._admin().Unlock, pb.UnlockRequest(username=user))
 
+    def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]:
+        request = pb.ImportSecretsRequest(accounts=accounts, dry_run=dry_run)
+        return list(self._call(self._admin().ImportSecrets, request).usernames)
+
     def recovery_codes(self, user: str) -> list[str]:
         request = pb.MakeRecoveryCodesRequest(username=user)
         return list(self._call(self._admin().MakeRecoveryCodes, request).codes)
@@ -350,6 +355,9 @@ class SelfServiceClient(_Transport):
         raise needs_admin(self._command, self._admin_socket)
 
     def unlock(self, user: str) -> pb.UserEntry:
+        raise needs_admin(self._command, self._admin_socket)
+
+    def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]:
         raise needs_admin(self._command, self._admin_socket)
 
     # -- the caller's own account -------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from otpgate.cli import qr
 from otpgate.cli.client import Client, Verification, admin_group, current_user
+from otpgate.core import imports
 from otpgate.core.settings import (
     DIGITS_BOUNDS,
     INTERVAL_BOUNDS,
@@ -78,6 +79,16 @@ class SecretUnset(Result):
 @dataclasses.dataclass(frozen=True)
 class UserShown(Result):
     user: pb.UserEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported(Result):
+    path: str
+    usernames: list[str]
+    accounts: list[str]  # one line per account: what is taken over
+    skipped: list[str]
+    notes: list[str]
+    dry_run: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +287,102 @@ def confirm(client: Client, args: argparse.Namespace) -> Confirmed:
     user = user_argument(args.user)
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
     return Confirmed(client.confirm_secret(user, token))
+
+
+_IMPORT_LIMIT = 1 << 20  # a users.oath of thousands of lines; google-authenticator's is 64 KiB
+
+
+def _read_import_file(path: str) -> bytes:
+    """FILE's bytes: a regular file (no symlink followed at its end), not too large."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgument("FILE", f"cannot open {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument("FILE", f"{path} is not a regular file")
+        if info.st_size > _IMPORT_LIMIT:
+            raise InvalidArgument("FILE", f"{path} is larger than {_IMPORT_LIMIT} bytes")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(_IMPORT_LIMIT + 1)
+    finally:
+        os.close(fd)
+
+
+def _imported_pb(username: str, token: imports.ImportedSecret) -> pb.ImportedAccount:
+    return pb.ImportedAccount(
+        username=username,
+        secret=token.secret,
+        otp_digits=token.otp_digits,
+        interval=token.interval,
+        last_step=token.last_step,
+        recovery_codes=list(token.recovery_codes),
+    )
+
+
+def import_google_authenticator(client: Client, args: argparse.Namespace) -> Imported:
+    if not args.user:
+        raise InvalidArgument("--user", "must not be empty")
+    parsed = imports.parse_google_authenticator(_read_import_file(args.file))
+    token = parsed.to_import()  # refuses HOTP
+    settings = client.get_config()
+    notes = []
+    window = parsed.window
+    if window > settings.window:
+        notes.append(
+            f"google-authenticator accepted codes up to {window} steps off; otpgate's window "
+            f"is {settings.window}: `otpgate update window={min(window, 10)}` to keep that"
+        )
+    if parsed.time_skew:
+        notes.append(
+            f"google-authenticator had learnt a clock skew of {parsed.time_skew} steps for "
+            "this phone; otpgate has none: fix the phone's clock if its codes are refused"
+        )
+    if parsed.rate_limit is not None:
+        notes.append(
+            f"RATE_LIMIT ({parsed.rate_limit.attempts} in {parsed.rate_limit.seconds} s) is not "
+            f"imported: otpgate's lockout applies (lockout_threshold={settings.lockout_threshold})"
+        )
+    if not parsed.disallow_reuse:
+        notes.append("the file did not record used codes (no DISALLOW_REUSE): none are spent yet")
+    for name in parsed.unknown_options:
+        notes.append(f"option {name} is not known and was ignored")
+    line = (
+        f"{args.user}: TOTP, {token.otp_digits} digits, {token.interval} s, "
+        f"{len(token.recovery_codes)} scratch codes as recovery codes"
+        + (f", codes up to step {token.last_step} spent" if token.last_step >= 0 else "")
+    )
+    names = client.import_secrets([_imported_pb(args.user, token)], dry_run=args.dry_run)
+    return Imported(args.file, names, [line], [], notes, args.dry_run)
+
+
+def import_oath_users(client: Client, args: argparse.Namespace) -> Imported:
+    tz = None
+    if args.timezone:
+        import zoneinfo
+
+        try:
+            tz = zoneinfo.ZoneInfo(args.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise InvalidArgument("--timezone", f"no such time zone: {args.timezone}") from None
+    parsed = imports.parse_users_oath(_read_import_file(args.file))
+    accounts, lines = [], []
+    for token in parsed.tokens:
+        value = token.to_import(tz=tz)
+        accounts.append(_imported_pb(token.user, value))
+        spent = f", codes up to step {value.last_step} spent" if value.last_step >= 0 else ""
+        lines.append(
+            f"{token.user}: {token.token_type} (line {token.line}), {value.otp_digits} digits, "
+            f"{value.interval} s{spent}"
+        )
+    skipped = [
+        f"line {s.line} ({s.user}, {s.token_type}): skipped: {s.reason}" for s in parsed.skipped
+    ]
+    if not accounts:
+        raise InvalidArgument("FILE", f"{args.file} has no token otpgate can import")
+    names = client.import_secrets(accounts, dry_run=args.dry_run)
+    return Imported(args.file, names, lines, skipped, [], args.dry_run)
 
 
 def unlock(client: Client, args: argparse.Namespace) -> Unlocked:

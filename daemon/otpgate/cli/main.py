@@ -259,6 +259,50 @@ def build_parser() -> argparse.ArgumentParser:
         default="/var/lib/otpgate/setup-backup",
         help="where the files as they were before setup are kept for --undo (default %(default)s)",
     )
+    take_over = command(
+        commands_,
+        "import",
+        None,
+        "take over tokens from google-authenticator or pam_oath",
+        "Take over the tokens of another PAM module so that the same phones keep working: "
+        "`import google-authenticator --user USER FILE` or `import oath-users FILE`. All or "
+        "nothing; --dry-run reports and changes nothing. The plaintext file is never removed "
+        "by otpgate: remove it yourself afterwards.",
+    )
+    import_commands = take_over.add_subparsers(
+        dest="import_command", metavar="FORMAT", required=True
+    )
+    ga = command(
+        import_commands,
+        "google-authenticator",
+        commands.import_google_authenticator,
+        "a ~/.google_authenticator file, for one account",
+        "Import one account's google-authenticator-libpam file: its secret, step size, spent "
+        "codes (DISALLOW_REUSE) and scratch codes (which become recovery codes). HOTP files "
+        "are refused. WINDOW_SIZE, RATE_LIMIT and a learnt time skew are compared with "
+        "otpgate's settings and reported, not imported.",
+        full_name="import google-authenticator",
+    )
+    ga.add_argument("--user", required=True, metavar="USER", help="the account the file is for")
+    ga.add_argument("file", metavar="FILE", help="e.g. /home/USER/.google_authenticator")
+    ga.add_argument("--dry-run", action="store_true", help="report what would be imported")
+    oath = command(
+        import_commands,
+        "oath-users",
+        commands.import_oath_users,
+        "a pam_oath users.oath file, every account in it",
+        "Import every time-based (HOTP/T...) token of a pam_oath usersfile, with its last "
+        "used code; counter-based (HOTP) tokens and tokens with a PIN are skipped and "
+        "reported.",
+        full_name="import oath-users",
+    )
+    oath.add_argument("file", metavar="FILE", help="e.g. /etc/users.oath")
+    oath.add_argument("--dry-run", action="store_true", help="report what would be imported")
+    oath.add_argument(
+        "--timezone",
+        metavar="ZONE",
+        help="time zone pam_oath wrote its times in (default: this host's, as pam_oath does)",
+    )
     user = command(
         commands_,
         "user",

@@ -27,6 +27,7 @@ from otpgate.cli.commands import (
     ConfigUpdated,
     Confirmed,
     DoctorReport,
+    Imported,
     RecoveryCodesMade,
     Result,
     SecretUnset,
@@ -201,6 +202,33 @@ def _(result: Confirmed, *, as_json: bool, out: TextIO, err: TextIO) -> None:
         print(
             f"new 2FA secret of {result.user.username} confirmed: the old one no longer works",
             file=out,
+        )
+
+
+@render.register
+def _(result: Imported, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    if as_json:
+        data = {
+            "dry_run": result.dry_run,
+            "usernames": result.usernames,
+            "accounts": result.accounts,
+            "skipped": result.skipped,
+            "notes": result.notes,
+        }
+        _json(data, out)
+    else:
+        verb = "would import" if result.dry_run else "imported"
+        for line in result.accounts:
+            print(f"{verb} {line}", file=out)
+        for line in result.skipped:
+            print(line, file=out)
+        for note in result.notes:
+            print(f"note: {note}", file=err)
+    if not result.dry_run:
+        print(
+            f"{result.path} still holds the secrets in plain text: remove it now "
+            "(otpgate never removes it)",
+            file=err,
         )
 
 

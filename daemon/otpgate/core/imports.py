@@ -82,8 +82,8 @@ from otpgate.core import totp
 from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS
 from otpgate.errors import InvalidArgument
 
-# 80 bits: what google-authenticator wrote before it moved to 128. Shorter secrets
-# (pam_oath's README example is the one byte "00") are not worth carrying over.
+# 80 bits: the 16-character secrets of older google-authenticator releases (it writes
+# 128 now). Shorter ones (pam_oath's README example is the one byte "00") are refused.
 MIN_SECRET_BYTES = 10
 
 GA_MAX_FILE_BYTES = 64 * 1024  # pam_google_authenticator's own limit
@@ -236,8 +236,8 @@ def parse_google_authenticator(data: str | bytes) -> GoogleAuthenticatorFile:
     unknown: list[str] = []
     scratch: list[str] = []
     for number, line in enumerate(lines[1:], start=2):
-        if not line.strip(" \t"):
-            continue
+        if not line:
+            continue  # the module skips empty lines (not lines of spaces: see below)
         if line.startswith('"'):
             name, value = _ga_option(line)
             if name not in _GA_KNOWN:
@@ -529,8 +529,8 @@ def _oath_line(number: int, fields: list[str], accept_pins: bool) -> OathToken |
     if len(fields) < 4:
         raise InvalidArgument(
             where,
-            f"{len(fields)} fields; a token line is TYPE USER PIN SECRET "
-            "[COUNTER [LASTOTP [TIME]]]",
+            f"{len(fields)} field{'s' if len(fields) > 1 else ''}; a token line is "
+            "TYPE USER PIN SECRET [COUNTER [LASTOTP [TIME]]]",
         )
     if len(fields) > OATH_MAX_FIELDS:
         raise InvalidArgument(

@@ -170,6 +170,14 @@ class Store(Protocol):
 
     def recovery_codes_left(self, username: str) -> int: ...
 
+    def import_secrets(
+        self, items: list[tuple[SecretRecord, list[bytes]]], *, now: int
+    ) -> list[str]:
+        """Store every record with its recovery-code hashes, in one transaction, if
+        none of those accounts (with its uid) has a secret yet; audited at `now`.
+        The names of those that do (then nothing is written), or []."""
+        ...
+
     def healthy(self) -> bool:
         """The database answers within its bound (the watchdog's question)."""
         ...

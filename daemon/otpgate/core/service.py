@@ -7,6 +7,7 @@ the account lookups injected (core.ports) for tests and other backends.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import logging
@@ -68,6 +69,23 @@ class Enrollment:
     account: Account
     record: SecretRecord | None  # None: not enrolled (or the secret was another uid's)
     locked_seconds: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportEntry:
+    """One token to take over (import_secrets), as core.imports reads it."""
+
+    username: str
+    secret: bytes = dataclasses.field(repr=False)
+    otp_digits: int
+    interval: int
+    last_step: int = -1
+    recovery_codes: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+
+def _scratch_shaped(code: str) -> bool:
+    """google-authenticator's scratch codes: 8 digits (they become recovery codes)."""
+    return len(code) == 8 and code.isascii() and code.isdigit()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +358,67 @@ class TwoFactorService:
         log.info("unlocked user=%s", account.username)
         return self._view(account, self._record_for(account))
 
+    def import_secrets(self, entries: list[ImportEntry], *, dry_run: bool = False) -> list[str]:
+        """Take over tokens from another module (core.imports reads their files):
+        all or nothing. Every account must exist and have no secret yet; its spent
+        step stays spent and its scratch codes become recovery codes. The names
+        imported (or, with dry_run, that would be)."""
+        if not entries:
+            raise InvalidArgument("accounts", "nothing to import")
+        names = [entry.username for entry in entries]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InvalidArgument("accounts", f"listed more than once: {', '.join(repeated)}")
+        now = int(self._clock())
+        items = []
+        for entry in entries:
+            account = self._account(entry.username, lookup=self._accounts_for_enrollment)
+            where = f"account {account.username}"
+            digits = check_int(f"{where}: otp_digits", entry.otp_digits, DIGITS_BOUNDS)
+            seconds = check_int(f"{where}: interval", entry.interval, INTERVAL_BOUNDS)
+            if len(entry.secret) < 10:
+                raise InvalidArgument(f"{where}: secret", "must be at least 10 bytes (80 bits)")
+            if entry.last_step < -1:
+                raise InvalidArgument(f"{where}: last_step", "must be -1 or more")
+            hashes = []
+            for code in entry.recovery_codes:
+                plain = recovery.normalise(code) or (code if _scratch_shaped(code) else None)
+                if plain is None:
+                    raise InvalidArgument(
+                        f"{where}: recovery code", "must be 8 digits or a recovery code"
+                    )
+                hashes.append(
+                    recovery.mac(self._recovery_key, account.username, account.uid, plain)
+                )
+            secret = base64.b32encode(entry.secret).decode().rstrip("=")
+            record = SecretRecord(
+                username=account.username,
+                uid=account.uid,
+                sealed=self._keyring.seal(
+                    secret.encode(), account_binding(account.username, account.uid)
+                ),
+                otp_digits=digits,
+                interval=seconds,
+                created_at=now,
+                last_step=entry.last_step,
+            )
+            items.append((record, hashes))
+        enrolled = [r.username for r, _ in items if self._record_for_name(r) is not None]
+        if not dry_run and not enrolled:
+            enrolled = self._store.import_secrets(items, now=now)
+        if enrolled:
+            raise FailedPrecondition(
+                f"already enrolled, so nothing was imported: {', '.join(enrolled)} "
+                "(leave them out, or unset their secrets first)"
+            )
+        if not dry_run:
+            log.info("secrets_imported count=%d users=%s", len(items), ",".join(names))
+        return names
+
+    def _record_for_name(self, record: SecretRecord) -> SecretRecord | None:
+        current = self._store.get_secret(record.username)
+        return current if current is not None and current.uid == record.uid else None
+
     def make_recovery_codes(self, username: str) -> list[str]:
         """A new set of recovery codes for an enrolled account, replacing any; the
         codes themselves exist only in this answer."""
@@ -435,6 +514,10 @@ class TwoFactorService:
             return Verification(VerifyResult.LOCKED, locked_seconds=judgement.locked_seconds)
         if token is None:
             return Verification(VerifyResult.INVALID)  # counted above, like a wrong code
+        if recovery_code is None and len(token) != record.otp_digits and _scratch_shaped(token):
+            # Digits of another length than the account's codes can only be a scratch
+            # code taken over from google-authenticator (import_secrets).
+            recovery_code = token
         if recovery_code is not None:
             # Counted above like any code; a right one clears the count as a code does.
             left = self._store.use_recovery_code(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from otpgate.core.service import TwoFactorService
+from otpgate.core.service import ImportEntry, TwoFactorService
 from otpgate.server.messages import (
     changes_from_pb,
     config_to_pb,
@@ -80,6 +80,24 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
         self, request: pb.ListUsersRequest, context: grpc.ServicerContext
     ) -> pb.ListUsersResponse:
         return pb.ListUsersResponse(users=[user_to_pb(v) for v in self._service.list_users()])
+
+    @rpc
+    def ImportSecrets(
+        self, request: pb.ImportSecretsRequest, context: grpc.ServicerContext
+    ) -> pb.ImportSecretsResponse:
+        entries = [
+            ImportEntry(
+                username=a.username,
+                secret=a.secret,
+                otp_digits=a.otp_digits,
+                interval=a.interval,
+                last_step=a.last_step,
+                recovery_codes=tuple(a.recovery_codes),
+            )
+            for a in request.accounts
+        ]
+        names = self._service.import_secrets(entries, dry_run=request.dry_run)
+        return pb.ImportSecretsResponse(usernames=names)
 
     @rpc
     def Unlock(self, request: pb.UnlockRequest, context: grpc.ServicerContext) -> pb.UserEntry:

@@ -628,6 +628,48 @@ class PostgresStore:
             conn.execute(_AUDIT, (now, "recovery_code_used", username, f"left={left}", self.host))
         return left
 
+    def import_secrets(
+        self, items: list[tuple[SecretRecord, list[bytes]]], *, now: int
+    ) -> list[str]:
+        insert = f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES ({_PLACEHOLDERS})"
+        try:
+            with self._transaction() as conn:
+                taken = [
+                    r.username for r, _ in items if not self._import_one(conn, insert, r, _, now)
+                ]
+                if taken:
+                    raise _Taken(taken)  # all or nothing: the transaction takes all back
+        except _Taken as refused:
+            return refused.names
+        return []
+
+    def _import_one(
+        self,
+        conn: psycopg.Connection[tuple[Any, ...]],
+        insert: str,
+        record: SecretRecord,
+        hashes: list[bytes],
+        now: int,
+    ) -> bool:
+        # Only where this uid has no secret (a row of another uid is a deleted
+        # account's), as put_secret(expected=None).
+        cursor = conn.execute(
+            f"""{insert} ON CONFLICT (username) DO UPDATE SET {_REPLACE}
+                WHERE secrets.uid <> EXCLUDED.uid OR secrets.status <> 'active'""",
+            codec.secret_values(record),
+        )
+        if cursor.rowcount != 1:
+            return False
+        conn.execute("DELETE FROM recovery_codes WHERE username = %s", (record.username,))
+        with conn.cursor() as many:
+            many.executemany(
+                "INSERT INTO recovery_codes (username, code_hash) VALUES (%s, %s)",
+                [(record.username, h) for h in hashes],
+            )
+        detail = f"uid={record.uid} recovery_codes={len(hashes)}"
+        conn.execute(_AUDIT, (now, "secret_imported", record.username, detail, self.host))
+        return True
+
     def recovery_codes_left(self, username: str) -> int:
         rows = self._query(
             "SELECT count(*) FROM recovery_codes WHERE username = %s AND used_at IS NULL",
@@ -742,6 +784,14 @@ def _is_outage(exc: psycopg.Error) -> bool:
         return False
     text = str(exc).lower()
     return any(words in text for words in _OUTAGE_WORDS)
+
+
+class _Taken(Exception):
+    """Accounts an import found enrolled already: it writes nothing."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
 
 
 def _clean(exc: BaseException) -> str:

@@ -415,6 +415,33 @@ class SQLiteStore:
             self._audit(db, now, "recovery_code_used", username, f"left={left}")
         return int(left)
 
+    def import_secrets(
+        self, items: list[tuple[SecretRecord, list[bytes]]], *, now: int
+    ) -> list[str]:
+        with self._transaction() as db:
+            taken = [
+                record.username
+                for record, _ in items
+                if not _still(db, record.username, record.uid, None)
+            ]
+            if taken:
+                return taken
+            for record, hashes in items:
+                db.execute("DELETE FROM secrets WHERE username = ?", (record.username,))
+                db.execute(
+                    f"INSERT INTO secrets ({_SECRET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    codec.secret_values(record),
+                )
+                db.executemany(
+                    "INSERT INTO recovery_codes (username, code_hash) VALUES (?, ?)",
+                    [(record.username, h) for h in hashes],
+                )
+                self._audit(
+                    db, now, "secret_imported", record.username,
+                    f"uid={record.uid} recovery_codes={len(hashes)}",
+                )  # fmt: skip
+        return []
+
     def recovery_codes_left(self, username: str) -> int:
         rows = self._query(
             "SELECT count(*) FROM recovery_codes WHERE username = ? AND used_at IS NULL",

@@ -734,6 +734,103 @@ class VerifyTokenResponse(_message.Message):
 Global___VerifyTokenResponse: _TypeAlias = VerifyTokenResponse  # noqa: Y015
 
 @_typing.final
+class ImportedAccount(_message.Message):
+    """A token taken over from another module (otpgate import): google-
+    authenticator-libpam's ~/.google_authenticator or pam_oath's users.oath.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    OTP_DIGITS_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    LAST_STEP_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    secret: _builtins.bytes
+    """The raw key (not base32), at least 10 bytes."""
+    otp_digits: _builtins.int
+    """6..8."""
+    interval: _builtins.int
+    """Seconds, 5..120."""
+    last_step: _builtins.int
+    """The last time step the old module accepted (its codes and older ones stay
+    spent); -1 for none.
+    """
+    @_builtins.property
+    def recovery_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One-time codes that become the account's recovery codes (google-
+        authenticator's scratch codes: 8 digits), each hashed on arrival.
+        """
+
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        secret: _builtins.bytes = ...,
+        otp_digits: _builtins.int = ...,
+        interval: _builtins.int = ...,
+        last_step: _builtins.int = ...,
+        recovery_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "last_step", b"last_step", "otp_digits", b"otp_digits", "recovery_codes", b"recovery_codes", "secret", b"secret", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportedAccount: _TypeAlias = ImportedAccount  # noqa: Y015
+
+@_typing.final
+class ImportSecretsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Check everything (accounts exist, none is enrolled, values in bounds) and
+    write nothing.
+    """
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportedAccount]: ...
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___ImportedAccount] | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSecretsRequest: _TypeAlias = ImportSecretsRequest  # noqa: Y015
+
+@_typing.final
+class ImportSecretsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usernames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The accounts imported (or, for a dry run, that would be), in request order."""
+
+    def __init__(
+        self,
+        *,
+        usernames: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usernames", b"usernames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSecretsResponse: _TypeAlias = ImportSecretsResponse  # noqa: Y015
+
+@_typing.final
 class UnlockRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

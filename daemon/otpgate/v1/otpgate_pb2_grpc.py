@@ -91,6 +91,11 @@ class TwoFactorAdminStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
                 _registered_method=True)
+        self.ImportSecrets = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/ImportSecrets',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorAdminServicer:
@@ -169,6 +174,14 @@ class TwoFactorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportSecrets(self, request, context):
+        """Take over tokens from another module, all or nothing: every account must
+        exist and have no secret yet (FAILED_PRECONDITION names those that do).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +239,11 @@ def add_TwoFactorAdminServicer_to_server(servicer, server):
                     servicer.MakeRecoveryCodes,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.SerializeToString,
+            ),
+            'ImportSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSecrets,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +545,33 @@ class TwoFactorAdmin:
             '/otpgate.v1.TwoFactorAdmin/MakeRecoveryCodes',
             otpgate_dot_v1_dot_otpgate__pb2.MakeRecoveryCodesRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/ImportSecrets',
+            otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class TwoFactorAdminStub:
     """
     MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]
     """A new set of recovery codes for an enrolled account, replacing any."""
+    ImportSecrets: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ImportSecretsRequest, _otpgate_pb2.ImportSecretsResponse]
+    """Take over tokens from another module, all or nothing: every account must
+    exist and have no secret yet (FAILED_PRECONDITION names those that do).
+    """
 
 @_typing.type_check_only
 class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
@@ -88,6 +92,10 @@ class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
     """
     MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.MakeRecoveryCodesRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
     """A new set of recovery codes for an enrolled account, replacing any."""
+    ImportSecrets: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ImportSecretsRequest, _otpgate_pb2.ImportSecretsResponse]  # type: ignore[assignment]
+    """Take over tokens from another module, all or nothing: every account must
+    exist and have no secret yet (FAILED_PRECONDITION names those that do).
+    """
 
 class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
     """The admin API, on admin.sock (root and the admin group). Every caller is
@@ -176,6 +184,16 @@ class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.RecoveryCodes, _abc.Awaitable[_otpgate_pb2.RecoveryCodes]]:
         """A new set of recovery codes for an enrolled account, replacing any."""
+
+    @_abc_1.abstractmethod
+    def ImportSecrets(
+        self,
+        request: _otpgate_pb2.ImportSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.ImportSecretsResponse, _abc.Awaitable[_otpgate_pb2.ImportSecretsResponse]]:
+        """Take over tokens from another module, all or nothing: every account must
+        exist and have no secret yet (FAILED_PRECONDITION names those that do).
+        """
 
 def add_TwoFactorAdminServicer_to_server(servicer: TwoFactorAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
