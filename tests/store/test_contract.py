@@ -487,3 +487,22 @@ def test_import_is_all_or_nothing(backend: Backend, store: Store) -> None:
     assert backend.audit(store)[-1] == (6, "secret_imported", "alice")
     # A row of another uid is a deleted account's: an import may take the name.
     assert store.import_secrets([(_record("carol", 2002), [])], now=7) == []
+
+
+def test_audit_events_filter_page_and_purge(backend: Backend, store: Store) -> None:
+    from otpgate.core import audit
+
+    with audit.from_origin("pam:sshd", "rhost=192.0.2.7"):
+        for at in (10, 20, 30):
+            store.record_event("verify", "alice", "result=valid", now=at)
+    store.record_event("login", "bob", "result=success level=LEVEL_2", now=40)
+    everything = store.audit_events()
+    assert [e.at for e in everything] == [40, 30, 20, 10]  # newest first
+    assert (everything[1].path, everything[1].caller) == ("pam:sshd", "rhost=192.0.2.7")
+    assert (everything[0].path, everything[0].caller) == ("", "")
+    assert [e.at for e in store.audit_events(username="alice", since=20, until=31)] == [30, 20]
+    first = store.audit_events(limit=2)
+    rest = store.audit_events(before_id=first[-1].id, limit=2)
+    assert [e.at for e in first + rest] == [40, 30, 20, 10]
+    assert store.purge_audit(before=25) == 2
+    assert [e.at for e in store.audit_events()] == [40, 30]

@@ -79,6 +79,7 @@ class Client(Protocol):
     def get_user(self, user: str) -> pb.UserEntry: ...
     def list_users(self) -> list[pb.UserEntry]: ...
     def unlock(self, user: str) -> pb.UserEntry: ...
+    def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse: ...
     def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]: ...
     def recovery_codes(self, user: str) -> list[str]: ...
     def close(self) -> None: ...
@@ -301,6 +302,9 @@ class AdminClient(_Transport):
     def unlock(self, user: str) -> pb.UserEntry:
         return self._call(self._admin().Unlock, pb.UnlockRequest(username=user))
 
+    def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse:
+        return self._call(self._admin().ListAuditEvents, request)
+
     def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]:
         request = pb.ImportSecretsRequest(accounts=accounts, dry_run=dry_run)
         return list(self._call(self._admin().ImportSecrets, request).usernames)
@@ -355,6 +359,9 @@ class SelfServiceClient(_Transport):
         raise needs_admin(self._command, self._admin_socket)
 
     def unlock(self, user: str) -> pb.UserEntry:
+        raise needs_admin(self._command, self._admin_socket)
+
+    def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse:
         raise needs_admin(self._command, self._admin_socket)
 
     def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]:

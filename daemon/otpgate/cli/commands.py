@@ -92,6 +92,12 @@ class Imported(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class AuditShown(Result):
+    events: list[pb.AuditEvent]
+    more: bool  # --limit cut the list short (or it ends exactly there)
+
+
+@dataclasses.dataclass(frozen=True)
 class Unlocked(Result):
     user: pb.UserEntry
 
@@ -383,6 +389,45 @@ def import_oath_users(client: Client, args: argparse.Namespace) -> Imported:
         raise InvalidArgument("FILE", f"{args.file} has no token otpgate can import")
     names = client.import_secrets(accounts, dry_run=args.dry_run)
     return Imported(args.file, names, lines, skipped, [], args.dry_run)
+
+
+def _moment(flag: str, text: str | None) -> int | None:
+    """--since/--until: an ISO 8601 date or time (local time unless it says), or
+    seconds since the epoch."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(
+            flag, f"{text!r} is not a date (2026-12-01, 2026-12-01T10:30) or epoch seconds"
+        ) from None
+    return int(moment.timestamp())
+
+
+def audit(client: Client, args: argparse.Namespace) -> AuditShown:
+    if args.limit is not None and not 1 <= args.limit <= 100_000:
+        raise InvalidArgument("--limit", f"must be from 1 to 100000 (got {args.limit})")
+    limit = args.limit or 100
+    request = pb.ListAuditEventsRequest(username=args.user or "")
+    since, until = _moment("--since", args.since), _moment("--until", args.until)
+    if since is not None:
+        request.since = since
+    if until is not None:
+        request.until = until
+    events: list[pb.AuditEvent] = []
+    while len(events) < limit:
+        request.page_size = min(1000, limit - len(events))
+        page = client.audit_events(request)
+        events.extend(page.events)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    return AuditShown(events[:limit], more=len(events) >= limit)
 
 
 def unlock(client: Client, args: argparse.Namespace) -> Unlocked:

@@ -259,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="/var/lib/otpgate/setup-backup",
         help="where the files as they were before setup are kept for --undo (default %(default)s)",
     )
+    trail = command(
+        commands_,
+        "audit",
+        commands.audit,
+        "the audit trail, newest first",
+        "The audit trail, newest first: enrollments, confirmations, renewals, removals, "
+        "unlocks, lockouts, recovery codes made and used, verifications, logins and settings "
+        "changed, each with its time, host, path (admin, user, pam:SERVICE) and caller where "
+        "known. Never a code, secret or password.",
+    )
+    trail.add_argument("--user", metavar="USER", help="one account's events only")
+    trail.add_argument(
+        "--since", metavar="WHEN", help="from this time on: 2026-12-01, 2026-12-01T10:30, epoch s"
+    )
+    trail.add_argument("--until", metavar="WHEN", help="before this time")
+    trail.add_argument("--limit", type=int, metavar="N", help="at most N events (default 100)")
     take_over = command(
         commands_,
         "import",

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from otpgate.cli import qr
 from otpgate.cli.client import CODE_NOT_ACCEPTED, Verification
 from otpgate.cli.commands import (
+    AuditShown,
     ConfigShown,
     ConfigUpdated,
     Confirmed,
@@ -230,6 +231,22 @@ def _(result: Imported, *, as_json: bool, out: TextIO, err: TextIO) -> None:
             "(otpgate never removes it)",
             file=err,
         )
+
+
+@render.register
+def _(result: AuditShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    if as_json:
+        _json([message_dict(e) for e in result.events], out)
+        return
+    import time
+
+    for e in result.events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
+        who = " ".join(part for part in (e.path, e.caller) if part) or "otpgated"
+        line = f"{when}  {e.host}  {who}  {e.event}  {e.username or '-'}  {e.detail}"
+        print(line.rstrip(), file=out)
+    if result.more:
+        print(f"(the newest {len(result.events)} shown: --limit N for more)", file=err)
 
 
 @render.register

@@ -189,6 +189,7 @@ class Logins:
                 who,
                 self._throttle.failures(username),
             )
+            self._service.record("login", username, "result=auth_err reason=password")
             return self._failed(started)
         if result is PasswordResult.EXPIRED:
             log.info("login user=%s %sresult=expired", username, who)
@@ -203,6 +204,7 @@ class Logins:
         if view.locked_seconds:
             # As the README promises: a locked account looks like a wrong password.
             log.info("login user=%s %sresult=auth_err reason=locked", account.username, who)
+            self._service.record("login", account.username, "result=auth_err reason=locked")
             return self._failed(started)
         if view.record is not None:
             # Whatever the global switch: a session of an enrolled account can see and
@@ -315,6 +317,7 @@ class Logins:
             _make_room(self._sessions, session.uid)
             self._sessions[_digest(token)] = session
         log.info("login user=%s result=success level=%s", view.account.username, level.name)
+        self._service.record("login", view.account.username, f"result=success level={level.name}")
         return LoginOutcome(
             Response.SUCCESS,
             username=view.account.username,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from otpgate.core import audit
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
 from otpgate.core.settings import Settings
@@ -169,6 +170,27 @@ class Store(Protocol):
         ...
 
     def recovery_codes_left(self, username: str) -> int: ...
+
+    def record_event(self, event: str, username: str, detail: str, *, now: int) -> None:
+        """One audit row (changes write theirs themselves, in their own transaction)."""
+        ...
+
+    def audit_events(
+        self,
+        *,
+        username: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[audit.Event]:
+        """Audit rows, newest first: of one account, at or after `since`, before
+        `until`, with an id below `before_id` (the last one of the page before)."""
+        ...
+
+    def purge_audit(self, *, before: int) -> int:
+        """Remove the audit rows older than `before`; how many."""
+        ...
 
     def import_secrets(
         self, items: list[tuple[SecretRecord, list[bytes]]], *, now: int

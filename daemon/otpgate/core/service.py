@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from otpgate.core import lockout, recovery, totp
+from otpgate.core import audit, lockout, recovery, totp
 from otpgate.core.accounts import account_details, check_username, lookup_account
 from otpgate.core.crypto import Keyring, account_binding
 from otpgate.core.ports import AccountDetailsLookup, AccountLookup, Store
@@ -29,6 +29,7 @@ from otpgate.errors import (
     KeyMismatch,
     NotFound,
     SecretChanged,
+    StoreError,
     StoreUnavailable,
 )
 
@@ -476,7 +477,44 @@ class TwoFactorService:
         log.info(
             "verify user=%s via=%s result=%s%s", account.username, via, outcome.result.value, shape
         )
+        self.record("verify", account.username, f"result={outcome.result.value}{shape}")
         return outcome
+
+    # -- audit ------------------------------------------------------------------------
+
+    def record(self, event: str, username: str, detail: str) -> None:
+        """One audit event of something that changed nothing (a verification, a
+        login). Its decision stands if the event cannot be written: were the
+        failure reported, a wrong code could come back as "unavailable"."""
+        try:
+            self._store.record_event(event, username, detail, now=int(self._clock()))
+        except StoreError as exc:
+            log.warning("audit_not_written event=%s user=%s: %s", event, username, exc)
+
+    def audit_events(
+        self,
+        *,
+        username: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[audit.Event]:
+        """Audit events, newest first, a page at a time (before_id: the last id seen)."""
+        if username is not None:
+            check_username(username)
+        limit = check_int("page_size", limit, (1, 1000))
+        if since is not None and until is not None and since >= until:
+            raise InvalidArgument("since", "must be before until")
+        return self._store.audit_events(
+            username=username, since=since, until=until, before_id=before_id, limit=limit
+        )
+
+    def purge_audit(self, retention_days: int) -> int:
+        """Drop events older than `retention_days` (0: keep everything); how many."""
+        if retention_days <= 0:
+            return 0
+        return self._store.purge_audit(before=int(self._clock()) - retention_days * 86400)
 
     def _verify(
         self, account: Account, token: str | None, *, recovery_code: str | None = None

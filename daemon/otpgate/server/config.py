@@ -54,6 +54,8 @@ class DaemonConfig:
     # ...calls one uid may have running at once (root is not limited).
     user_calls_per_uid: int = 4
     user_idle_seconds: float = 300.0
+    # Audit events older than this many days are removed (hourly); 0 keeps them all.
+    audit_retention_days: int = 400
 
     @property
     def database(self) -> str:
@@ -174,6 +176,8 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
     for name in ("key_credential", "database_password_credential"):
         if "/" in getattr(config, name) or not getattr(config, name):
             raise ConfigError(f"{source}: {name} must be a plain name")
+    if not 0 <= config.audit_retention_days <= 36500:
+        raise ConfigError(f"{source}: audit_retention_days must be from 0 to 36500")
     if not 0.1 <= config.database_timeout <= 30.0:
         raise ConfigError(f"{source}: database_timeout must be from 0.1 to 30 seconds")
     if config.issuer:

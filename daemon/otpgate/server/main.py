@@ -198,6 +198,16 @@ def _database_password_file(config: daemon_config.DaemonConfig) -> str | None:
     return config.database_password_file or None
 
 
+def _purge_audit(service: TwoFactorService, days: int) -> None:
+    try:
+        removed = service.purge_audit(days)
+    except OtpgateError as exc:  # tried again in an hour; serving goes on
+        log.warning("audit_purge_failed error=%s: %s", type(exc).__name__, exc)
+        return
+    if removed:
+        log.info("audit_purged events=%d older_than_days=%d", removed, days)
+
+
 def _admin_gid(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
@@ -299,8 +309,10 @@ def run(config: daemon_config.DaemonConfig) -> int:
         watchdog = sdnotify.Watchdog(interval, healthy) if interval else None
         if watchdog:
             watchdog.start()
-        while not stopping.wait(3600):
-            pass
+        while True:
+            _purge_audit(service, config.audit_retention_days)
+            if stopping.wait(3600):
+                break
         sdnotify.notify("STOPPING=1")
         if watchdog:
             watchdog.stop()

@@ -56,6 +56,15 @@ class PamServicer(pb_grpc.PamGateServicer):
     def __init__(self, service: TwoFactorService, passwords: PasswordChecker) -> None:
         self._gate = Gate(service, passwords)
 
+    def audit_origin(
+        self, request: pb.PamRequest, context: grpc.ServicerContext
+    ) -> tuple[str, str]:
+        service = request.service if not _bad_service(request.service) else "?"
+        rhost = (
+            request.rhost[:64] if request.rhost.isascii() and request.rhost.isprintable() else "?"
+        )
+        return f"pam:{service}", f"rhost={rhost}" if rhost else ""
+
     @rpc
     def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if _bad_service(request.service):

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from otpgate import errors
+from otpgate.core import audit
 
 log = logging.getLogger("otpgated")
 
@@ -63,8 +64,13 @@ def rpc(handler: Handler) -> Handler:
                 f"request has fields this server does not know (numbers {unknown}); "
                 "is the client newer than otpgated?",
             )
+        origin = getattr(self, "audit_origin", None)
         try:
-            return handler(self, request, context)
+            if origin is None:
+                return handler(self, request, context)
+            # Every audit row this call writes says where it came from (core.audit).
+            with audit.from_origin(*origin(request, context)):
+                return handler(self, request, context)
         except errors.OtpgateError as exc:
             for kind, code in _STATUS:
                 if isinstance(exc, kind):

@@ -94,6 +94,10 @@ class UserServicer(pb_grpc.UserSelfServiceServicer):
         self._renewals = Spacing(RENEW_SPACING_SECONDS, time.monotonic)
         self._verifications = Spacing(VERIFY_SPACING_SECONDS, time.monotonic)
 
+    def audit_origin(self, request: object, context: grpc.ServicerContext) -> tuple[str, str]:
+        caller = self._callers.from_peer(context.peer())
+        return "user", f"uid={caller.uid} pid={caller.pid}" if caller else ""
+
     def _caller(self, context: grpc.ServicerContext) -> Caller:
         caller = self._callers.from_peer(context.peer())
         if caller is None:

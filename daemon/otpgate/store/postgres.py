@@ -38,6 +38,7 @@ import psycopg
 import psycopg.conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from otpgate.core import audit
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
@@ -100,7 +101,10 @@ _SECRET_COLUMNS = codec.SECRET_COLUMNS
 _PLACEHOLDERS = ", ".join(["%s"] * len(_COLUMNS))
 # A new secret replaces every column of the old row (and makes it active).
 _REPLACE = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:]) + ", status = 'active'"
-_AUDIT = "INSERT INTO audit_events (at, event, username, detail, host) VALUES (%s, %s, %s, %s, %s)"
+_AUDIT = (
+    "INSERT INTO audit_events (at, event, username, detail, host, path, caller) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
 
 
 def read_password_file(path: str) -> str:
@@ -333,7 +337,7 @@ class PostgresStore:
             conn.execute(
                 "UPDATE settings SET value = %s WHERE id = 1", (json.dumps(settings.to_dict()),)
             )
-            conn.execute(_AUDIT, (now, "settings_updated", "", audit, self.host))
+            conn.execute(_AUDIT, self._event(now, "settings_updated", "", audit))
 
     # -- key check --------------------------------------------------------------------
 
@@ -402,6 +406,7 @@ class PostgresStore:
                     record.username,
                     f"uid={record.uid}",
                     self.host,
+                    *codec.origin(),
                 ),
             )
         return True
@@ -427,7 +432,7 @@ class PostgresStore:
             active = conn.execute("DELETE FROM secrets WHERE username = %s", (username,))
             if not (pending.rowcount or active.rowcount):
                 return False
-            conn.execute(_AUDIT, (now, "secret_unset", username, "", self.host))
+            conn.execute(_AUDIT, self._event(now, "secret_unset", username, ""))
         return True
 
     def count_attempt(self, username: str, uid: int, *, now: int) -> SecretRecord | None:
@@ -450,8 +455,8 @@ class PostgresStore:
                    WHERE username = %s AND uid = %s AND status = 'active'
                        AND failures >= %s AND lockouts = %s
                    RETURNING username)
-               INSERT INTO audit_events (at, event, username, detail, host)
-               SELECT %s, 'locked', username, %s, %s FROM locked RETURNING id""",
+               INSERT INTO audit_events (at, event, username, detail, host, path, caller)
+               SELECT %s, 'locked', username, %s, %s, %s, %s FROM locked RETURNING id""",
             (
                 until,
                 username,
@@ -461,6 +466,7 @@ class PostgresStore:
                 now,
                 f"failures={count} until={until}",
                 self.host,
+                *codec.origin(),
             ),
         )
         return bool(rows)
@@ -482,9 +488,9 @@ class PostgresStore:
             """WITH cleared AS (
                    UPDATE secrets SET failures = 0, lockouts = 0, locked_until = 0
                    WHERE username = %s AND uid = %s AND status = 'active' RETURNING username)
-               INSERT INTO audit_events (at, event, username, detail, host)
-               SELECT %s, 'unlocked', username, '', %s FROM cleared RETURNING id""",
-            (username, uid, now, self.host),
+               INSERT INTO audit_events (at, event, username, detail, host, path, caller)
+               SELECT %s, 'unlocked', username, '', %s, %s, %s FROM cleared RETURNING id""",
+            (username, uid, now, self.host, *codec.origin()),
         )
         return bool(rows)
 
@@ -508,6 +514,7 @@ class PostgresStore:
                     record.username,
                     f"uid={record.uid}",
                     self.host,
+                    *codec.origin(),
                 ),
             )
 
@@ -562,7 +569,10 @@ class PostgresStore:
                 values,
             )
             conn.execute("DELETE FROM recovery_codes WHERE username = %s", (username,))
-            conn.execute(_AUDIT, (now, "secret_confirmed", username, f"uid={uid}", self.host))
+            conn.execute(
+                _AUDIT,
+                self._event(now, "secret_confirmed", username, f"uid={uid}"),
+            )
         return True
 
     # -- recovery codes -----------------------------------------------------------------
@@ -597,7 +607,15 @@ class PostgresStore:
                     [(username, h) for h in hashes],
                 )
             conn.execute(
-                _AUDIT, (now, "recovery_codes_made", username, f"count={len(hashes)}", self.host)
+                _AUDIT,
+                (
+                    now,
+                    "recovery_codes_made",
+                    username,
+                    f"count={len(hashes)}",
+                    self.host,
+                    *codec.origin(),
+                ),
             )
         return True
 
@@ -625,7 +643,10 @@ class PostgresStore:
                 (username,),
             ).fetchone()
             left = int(row[0]) if row else 0
-            conn.execute(_AUDIT, (now, "recovery_code_used", username, f"left={left}", self.host))
+            conn.execute(
+                _AUDIT,
+                self._event(now, "recovery_code_used", username, f"left={left}"),
+            )
         return left
 
     def import_secrets(
@@ -667,8 +688,36 @@ class PostgresStore:
                 [(record.username, h) for h in hashes],
             )
         detail = f"uid={record.uid} recovery_codes={len(hashes)}"
-        conn.execute(_AUDIT, (now, "secret_imported", record.username, detail, self.host))
+        conn.execute(_AUDIT, self._event(now, "secret_imported", record.username, detail))
         return True
+
+    def _event(self, at: int, event: str, username: str, detail: str) -> tuple[Any, ...]:
+        """An audit row's values (_AUDIT): this host, the call's path and caller."""
+        return (at, event, username, detail, self.host, *codec.origin())
+
+    def record_event(self, event: str, username: str, detail: str, *, now: int) -> None:
+        with self._connection() as conn:
+            conn.execute(_AUDIT, self._event(now, event, username, detail))
+
+    def audit_events(
+        self,
+        *,
+        username: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[audit.Event]:
+        where, params = codec.audit_filter(username, since, until, before_id, "%s")
+        rows = self._query(
+            f"SELECT {codec.AUDIT_READ} FROM audit_events {where} ORDER BY id DESC LIMIT %s",
+            (*params, limit),
+        )
+        return [audit.Event(*row) for row in rows]
+
+    def purge_audit(self, *, before: int) -> int:
+        with self._connection() as conn:
+            return conn.execute("DELETE FROM audit_events WHERE at < %s", (before,)).rowcount
 
     def recovery_codes_left(self, username: str) -> int:
         rows = self._query(

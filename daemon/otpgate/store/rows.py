@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from otpgate.core import audit
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import SecretRecord
 
@@ -89,3 +90,30 @@ def sealed_json(sealed: Sealed) -> str:
 def sealed_from_json(value: str) -> Sealed:
     data = json.loads(value)
     return Sealed(data["key_id"], bytes.fromhex(data["nonce"]), bytes.fromhex(data["ct"]))
+
+
+AUDIT_WRITTEN = "at, event, username, detail, host, path, caller"
+AUDIT_READ = "id, " + AUDIT_WRITTEN
+
+
+def origin() -> tuple[str, str]:
+    """The path and caller of the call being served (core.audit), for an audit row."""
+    where = audit.origin()
+    return where.path, where.caller
+
+
+def audit_filter(
+    username: str | None, since: int | None, until: int | None, before_id: int | None, mark: str
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause of an audit query and its parameters (`mark`: ? or %s)."""
+    clauses, params = [], []
+    for clause, value in (
+        (f"username = {mark}", username),
+        (f"at >= {mark}", since),
+        (f"at < {mark}", until),
+        (f"id < {mark}", before_id),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)

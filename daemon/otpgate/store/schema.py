@@ -55,7 +55,10 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
         ),
         "username",
     ),
-    "audit_events": (("id", "at", "event", "username", "detail", "host"), "id"),
+    "audit_events": (
+        ("id", "at", "event", "username", "detail", "host", "path", "caller"),
+        "id",
+    ),
 }
 
 # version: the statements that bring a database of the version before to it.
@@ -70,6 +73,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # until a code from it confirms it (or it expires). Portable types only: BIGINT
     # and BYTEA-or-BLOB are spelled per backend in PENDING_DDL.
     3: ("{pending_secrets}",),
+    # The audit trail says by which path (admin, user, pam:SERVICE) and, where
+    # known, by whom; it is read newest first, per account.
+    4: (
+        "ALTER TABLE audit_events ADD COLUMN path TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE audit_events ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX audit_events_user ON audit_events (username, id)",
+    ),
 }
 # The one statement whose column types differ between the backends.
 PENDING_DDL = {

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from otpgate.core import audit
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import ANY_SECRET, SecretRecord
 from otpgate.core.settings import Settings
@@ -456,9 +457,36 @@ class SQLiteStore:
     ) -> None:
         # `at` from the service's clock, not SQLite's: one clock for locks and audit.
         db.execute(
-            "INSERT INTO audit_events (at, event, username, detail, host) VALUES (?, ?, ?, ?, ?)",
-            (at, event, username, detail, self.host),
+            f"INSERT INTO audit_events ({codec.AUDIT_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (at, event, username, detail, self.host, *codec.origin()),
         )
+
+    def record_event(self, event: str, username: str, detail: str, *, now: int) -> None:
+        with self._statement() as db:
+            db.execute(
+                f"INSERT INTO audit_events ({codec.AUDIT_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (now, event, username, detail, self.host, *codec.origin()),
+            )
+
+    def audit_events(
+        self,
+        *,
+        username: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[audit.Event]:
+        where, params = codec.audit_filter(username, since, until, before_id, "?")
+        rows = self._query(
+            f"SELECT {codec.AUDIT_READ} FROM audit_events {where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [audit.Event(*row) for row in rows]
+
+    def purge_audit(self, *, before: int) -> int:
+        with self._transaction(durable=False) as db:
+            return db.execute("DELETE FROM audit_events WHERE at < ?", (before,)).rowcount
 
     # -- copying a whole database (otpgated migrate) ------------------------------------
 

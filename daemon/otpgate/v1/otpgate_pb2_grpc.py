@@ -96,6 +96,11 @@ class TwoFactorAdminStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/ListAuditEvents',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorAdminServicer:
@@ -182,6 +187,13 @@ class TwoFactorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """The audit trail, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +256,11 @@ def add_TwoFactorAdminServicer_to_server(servicer, server):
                     servicer.ImportSecrets,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +589,33 @@ class TwoFactorAdmin:
             '/otpgate.v1.TwoFactorAdmin/ImportSecrets',
             otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.ImportSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/ListAuditEvents',
+            otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

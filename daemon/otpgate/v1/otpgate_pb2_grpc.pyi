@@ -67,6 +67,8 @@ class TwoFactorAdminStub:
     """Take over tokens from another module, all or nothing: every account must
     exist and have no secret yet (FAILED_PRECONDITION names those that do).
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ListAuditEventsRequest, _otpgate_pb2.ListAuditEventsResponse]
+    """The audit trail, newest first, a page at a time."""
 
 @_typing.type_check_only
 class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
@@ -96,6 +98,8 @@ class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
     """Take over tokens from another module, all or nothing: every account must
     exist and have no secret yet (FAILED_PRECONDITION names those that do).
     """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ListAuditEventsRequest, _otpgate_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The audit trail, newest first, a page at a time."""
 
 class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
     """The admin API, on admin.sock (root and the admin group). Every caller is
@@ -194,6 +198,14 @@ class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
         """Take over tokens from another module, all or nothing: every account must
         exist and have no secret yet (FAILED_PRECONDITION names those that do).
         """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _otpgate_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.ListAuditEventsResponse, _abc.Awaitable[_otpgate_pb2.ListAuditEventsResponse]]:
+        """The audit trail, newest first, a page at a time."""
 
 def add_TwoFactorAdminServicer_to_server(servicer: TwoFactorAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
