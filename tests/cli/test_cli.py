@@ -1129,7 +1129,7 @@ def test_stopped_daemon(daemon: Daemon) -> None:
 
 def test_usage_errors() -> None:
     names = "config update renew-secret provisioning-uri verify confirm unset-secret unlock "
-    names += "recovery-codes doctor setup audit import user"
+    names += "recovery-codes doctor setup audit rotate-key import user"
     choices = ", ".join(f"'{name}'" for name in names.split())
     cases = [
         ([], "otpgate", "the following arguments are required: COMMAND"),
@@ -1354,6 +1354,7 @@ def test_readme_cli_table_lists_every_command() -> None:
     named = {re.match(r"\| `otpgate ([a-z-]+(?: (?:show|list|ssh))?)", row)[1] for row in rows}  # type: ignore[index]
     assert named == {"config", "update", "renew-secret", "provisioning-uri", "verify",
                      "confirm", "unset-secret", "unlock", "recovery-codes", "import", "audit",
+                     "rotate-key",
                      "user show",
                      "user list", "doctor", "setup ssh"}  # fmt: skip
 

@@ -79,6 +79,7 @@ class Client(Protocol):
     def get_user(self, user: str) -> pb.UserEntry: ...
     def list_users(self) -> list[pb.UserEntry]: ...
     def unlock(self, user: str) -> pb.UserEntry: ...
+    def rotate_key(self) -> pb.RotateKeyResponse: ...
     def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse: ...
     def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]: ...
     def recovery_codes(self, user: str) -> list[str]: ...
@@ -302,6 +303,9 @@ class AdminClient(_Transport):
     def unlock(self, user: str) -> pb.UserEntry:
         return self._call(self._admin().Unlock, pb.UnlockRequest(username=user))
 
+    def rotate_key(self) -> pb.RotateKeyResponse:
+        return self._call(self._admin().RotateKey, pb.RotateKeyRequest())
+
     def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse:
         return self._call(self._admin().ListAuditEvents, request)
 
@@ -359,6 +363,9 @@ class SelfServiceClient(_Transport):
         raise needs_admin(self._command, self._admin_socket)
 
     def unlock(self, user: str) -> pb.UserEntry:
+        raise needs_admin(self._command, self._admin_socket)
+
+    def rotate_key(self) -> pb.RotateKeyResponse:
         raise needs_admin(self._command, self._admin_socket)
 
     def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse:

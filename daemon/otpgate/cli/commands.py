@@ -98,6 +98,15 @@ class AuditShown(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyRotated(Result):
+    reply: pb.RotateKeyResponse
+
+    @property
+    def status(self) -> int:
+        return EXIT_FALSE if self.reply.old_key_ids else EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
 class Unlocked(Result):
     user: pb.UserEntry
 
@@ -428,6 +437,10 @@ def audit(client: Client, args: argparse.Namespace) -> AuditShown:
             break
         request.page_token = page.next_page_token
     return AuditShown(events[:limit], more=len(events) >= limit)
+
+
+def rotate_key(client: Client, args: argparse.Namespace) -> KeyRotated:
+    return KeyRotated(client.rotate_key())
 
 
 def unlock(client: Client, args: argparse.Namespace) -> Unlocked:

@@ -275,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trail.add_argument("--until", metavar="WHEN", help="before this time")
     trail.add_argument("--limit", type=int, metavar="N", help="at most N events (default 100)")
+    command(
+        commands_,
+        "rotate-key",
+        commands.rotate_key,
+        "re-seal every secret under otpgated's key, while it serves",
+        "Re-seal every secret under the key otpgated was started with, after it was "
+        "restarted with the previous key as old_key_file (--old-key-file, or the systemd "
+        "credential otpgate.key.old). Safe to interrupt and run again; exit 0 when nothing "
+        "needs the old key any more, 1 when something still does.",
+    )
     take_over = command(
         commands_,
         "import",

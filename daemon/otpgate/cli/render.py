@@ -29,6 +29,7 @@ from otpgate.cli.commands import (
     Confirmed,
     DoctorReport,
     Imported,
+    KeyRotated,
     RecoveryCodesMade,
     Result,
     SecretUnset,
@@ -247,6 +248,23 @@ def _(result: AuditShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
         print(line.rstrip(), file=out)
     if result.more:
         print(f"(the newest {len(result.events)} shown: --limit N for more)", file=err)
+
+
+@render.register
+def _(result: KeyRotated, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    reply = result.reply
+    if as_json:
+        _json(message_dict(reply), out)
+        return
+    print(f"re-sealed {reply.resealed} under key {reply.key_id}", file=out)
+    if reply.old_key_ids:
+        print(
+            f"still sealed with {', '.join(reply.old_key_ids)}: run rotate-key again; keep the "
+            "old key until it says done",
+            file=out,
+        )
+    else:
+        print("done: nothing needs the old key any more; remove old_key_file", file=out)
 
 
 @render.register

@@ -52,6 +52,17 @@ class Keyring:
         self.primary_id = key_id_of(primary)
         self._ciphers = {key_id_of(k): AESGCM(k) for k in (primary, *older)}
 
+    def with_older(self, key: bytes) -> Keyring:
+        """This keyring that also opens (never seals) what `key` sealed."""
+        if len(key) != KEY_BYTES:
+            raise ConfigError(f"an encryption key must be {KEY_BYTES} bytes")
+        if key_id_of(key) == self.primary_id:
+            raise ConfigError("the old key is the same as the key: nothing to rotate")
+        ring = Keyring.__new__(Keyring)
+        ring.primary_id = self.primary_id
+        ring._ciphers = {**self._ciphers, key_id_of(key): AESGCM(key)}
+        return ring
+
     @property
     def key_ids(self) -> frozenset[str]:
         return frozenset(self._ciphers)

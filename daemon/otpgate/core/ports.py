@@ -147,6 +147,19 @@ class Store(Protocol):
         confirmations at most one succeeds."""
         ...
 
+    # Key rotation (TwoFactorService.rotate_key).
+
+    def list_pending(self) -> list[SecretRecord]: ...
+
+    def reseal(self, table: str, username: str, old: Sealed, new: Sealed) -> bool:
+        """Replace the sealed secret of `username` in `table` (secrets or
+        pending_secrets) with `new`, if it is still `old`; one atomic statement."""
+        ...
+
+    def reseal_meta(self, name: str, old: Sealed, new: Sealed) -> bool:
+        """The same for a sealed value in meta (key_check, recovery_key)."""
+        ...
+
     # Recovery codes: only keyed hashes are stored (core.recovery).
 
     def recovery_key(self) -> Sealed | None: ...

@@ -73,6 +73,13 @@ class Enrollment:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rotation:
+    resealed: int  # rows re-sealed by this run
+    key_id: str  # the key everything is sealed with now (when old_key_ids is empty)
+    old_key_ids: list[str]  # keys still needed: rows a renewal raced, or a failed run
+
+
+@dataclasses.dataclass(frozen=True)
 class ImportEntry:
     """One token to take over (import_secrets), as core.imports reads it."""
 
@@ -479,6 +486,41 @@ class TwoFactorService:
         )
         self.record("verify", account.username, f"result={outcome.result.value}{shape}")
         return outcome
+
+    # -- key rotation -----------------------------------------------------------------
+
+    def rotate_key(self) -> Rotation:
+        """Re-seal everything sealed with an older key under the primary one, while
+        serving. Each row is re-sealed in its own statement, and only if it is still
+        as read (a renewal meanwhile wins), so a crash or kill at any moment leaves
+        every row readable with the keys loaded, and running it again finishes."""
+        primary = self._keyring.primary_id
+        done = 0
+        for table, records in (
+            ("secrets", self._store.list_secrets()),
+            ("pending_secrets", self._store.list_pending()),
+        ):
+            for record in records:
+                if record.sealed.key_id == primary:
+                    continue
+                binding = account_binding(record.username, record.uid)
+                fresh = self._keyring.seal(self._keyring.open(record.sealed, binding), binding)
+                done += self._store.reseal(table, record.username, record.sealed, fresh)
+        for name, current, binding in (
+            ("key_check", self._store.key_check(), _KEY_CHECK_BINDING),
+            ("recovery_key", self._store.recovery_key(), recovery.KEY_BINDING),
+        ):
+            if current is not None and current.key_id != primary:
+                fresh = self._keyring.seal(self._keyring.open(current, binding), binding)
+                done += self._store.reseal_meta(name, current, fresh)
+        left = set(self._store.key_ids_in_use())
+        check = self._store.key_check()
+        if check is not None:
+            left.add(check.key_id)
+        left.discard(primary)
+        self.record("key_rotated", "", f"resealed={done} key_id={primary} left={len(left)}")
+        log.info("key_rotated resealed=%d key_id=%s old_key_ids_left=%s", done, primary, left)
+        return Rotation(done, primary, sorted(left))
 
     # -- audit ------------------------------------------------------------------------
 

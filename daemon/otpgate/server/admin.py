@@ -131,6 +131,15 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
         return reply
 
     @rpc
+    def RotateKey(
+        self, request: pb.RotateKeyRequest, context: grpc.ServicerContext
+    ) -> pb.RotateKeyResponse:
+        done = self._service.rotate_key()
+        return pb.RotateKeyResponse(
+            resealed=done.resealed, key_id=done.key_id, old_key_ids=done.old_key_ids
+        )
+
+    @rpc
     def Unlock(self, request: pb.UnlockRequest, context: grpc.ServicerContext) -> pb.UserEntry:
         return user_to_pb(self._service.unlock(request.username))
 

@@ -35,6 +35,10 @@ class DaemonConfig:
     key_credential: str = "otpgate.key"
     # ...otherwise this file (created on first start when create_key is true).
     key_file: str = "/etc/otpgate/otpgate.key"
+    # During a key rotation, the key being replaced: a credential of this name, or
+    # this file. It only opens; everything new is sealed with the key above.
+    old_key_credential: str = "otpgate.key.old"
+    old_key_file: str = ""
     create_key: bool = True
     # Default issuer shown in authenticator apps; empty: the host name.
     issuer: str = ""
@@ -96,6 +100,9 @@ def parser(prog: str = "otpgated") -> argparse.ArgumentParser:
         "--key-file", help="encryption key file (0600, owned by root or the daemon user)"
     )
     p.add_argument("--key-credential", help="name of the systemd credential holding the key")
+    p.add_argument(
+        "--old-key-file", help="during a key rotation: the key being replaced (opens only)"
+    )
     p.add_argument(
         "--no-create-key",
         dest="create_key",
@@ -173,7 +180,9 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
         raise ConfigError(f"{source}: user_calls_per_uid must be from 1 to 256")
     if not 1.0 <= config.user_idle_seconds <= 86400.0:
         raise ConfigError(f"{source}: user_idle_seconds must be from 1 to 86400")
-    for name in ("key_credential", "database_password_credential"):
+    if config.old_key_file and not os.path.isabs(config.old_key_file):
+        raise ConfigError(f"{source}: old_key_file must be an absolute path")
+    for name in ("key_credential", "database_password_credential", "old_key_credential"):
         if "/" in getattr(config, name) or not getattr(config, name):
             raise ConfigError(f"{source}: {name} must be a plain name")
     if not 0 <= config.audit_retention_days <= 36500:

@@ -24,6 +24,26 @@ def check_key_location(config: DaemonConfig) -> None:
 
 
 def load_keyring(config: DaemonConfig, store: Store) -> Keyring:
+    keyring = _load_primary(config, store)
+    old = _old_key(config)
+    if old is None:
+        return keyring
+    log.info("key_loaded role=old key_id=%s (for a rotation: otpgate rotate-key)", key_id_of(old))
+    return keyring.with_older(old)
+
+
+def _old_key(config: DaemonConfig) -> bytes | None:
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        path = os.path.join(credentials, config.old_key_credential)
+        if os.path.exists(path):
+            return load_key_file(path)
+    if config.old_key_file:
+        return load_key_file(config.old_key_file)
+    return None
+
+
+def _load_primary(config: DaemonConfig, store: Store) -> Keyring:
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         path = os.path.join(credentials, config.key_credential)

@@ -575,6 +575,34 @@ class PostgresStore:
             )
         return True
 
+    # -- key rotation: each row re-sealed on its own, only if it is still as read ----
+
+    def list_pending(self) -> list[SecretRecord]:
+        rows = self._query(
+            f"SELECT {codec.PENDING_COLUMNS}, expires_at FROM pending_secrets "
+            'ORDER BY username COLLATE "C"'
+        )
+        return [codec.pending_record(row)[0] for row in rows]
+
+    def reseal(self, table: str, username: str, old: Sealed, new: Sealed) -> bool:
+        if table not in ("secrets", "pending_secrets"):
+            raise ValueError(f"no sealed rows in {table}")
+        with self._connection() as conn:
+            cursor = conn.execute(
+                f"UPDATE {table} SET key_id = %s, nonce = %s, ciphertext = %s "
+                "WHERE username = %s AND nonce = %s AND ciphertext = %s",
+                (new.key_id, new.nonce, new.ciphertext, username, old.nonce, old.ciphertext),
+            )
+            return cursor.rowcount == 1
+
+    def reseal_meta(self, name: str, old: Sealed, new: Sealed) -> bool:
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "UPDATE meta SET value = %s WHERE name = %s AND value = %s",
+                (codec.sealed_json(new), name, codec.sealed_json(old)),
+            )
+            return cursor.rowcount == 1
+
     # -- recovery codes -----------------------------------------------------------------
 
     def recovery_key(self) -> Sealed | None:

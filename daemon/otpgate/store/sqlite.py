@@ -359,6 +359,35 @@ class SQLiteStore:
             self._audit(db, now, "secret_confirmed", username, f"uid={uid}")
         return True
 
+    # -- key rotation: each row re-sealed on its own, only if it is still as read ----
+
+    def list_pending(self) -> list[SecretRecord]:
+        rows = self._query(
+            f"SELECT {codec.PENDING_COLUMNS}, expires_at FROM pending_secrets ORDER BY username"
+        )
+        return [codec.pending_record(row)[0] for row in rows]
+
+    def reseal(self, table: str, username: str, old: Sealed, new: Sealed) -> bool:
+        if table not in ("secrets", "pending_secrets"):
+            raise ValueError(f"no sealed rows in {table}")
+        with self._transaction() as db:
+            return bool(
+                db.execute(
+                    f"UPDATE {table} SET key_id = ?, nonce = ?, ciphertext = ? "
+                    "WHERE username = ? AND nonce = ? AND ciphertext = ?",
+                    (new.key_id, new.nonce, new.ciphertext, username, old.nonce, old.ciphertext),
+                ).rowcount
+            )
+
+    def reseal_meta(self, name: str, old: Sealed, new: Sealed) -> bool:
+        with self._transaction() as db:
+            return bool(
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE name = ? AND value = ?",
+                    (codec.sealed_json(new), name, codec.sealed_json(old)),
+                ).rowcount
+            )
+
     # -- recovery codes -----------------------------------------------------------------
 
     def recovery_key(self) -> Sealed | None:

@@ -947,6 +947,51 @@ class ListAuditEventsResponse(_message.Message):
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
 
 @_typing.final
+class RotateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyRequest: _TypeAlias = RotateKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESEALED_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OLD_KEY_IDS_FIELD_NUMBER: _builtins.int
+    resealed: _builtins.int
+    """Rows re-sealed by this call."""
+    key_id: _builtins.str
+    """The key everything is sealed with once old_key_ids is empty."""
+    @_builtins.property
+    def old_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys some row still needs; empty: the old key may be removed."""
+
+    def __init__(
+        self,
+        *,
+        resealed: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        old_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "old_key_ids", b"old_key_ids", "resealed", b"resealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyResponse: _TypeAlias = RotateKeyResponse  # noqa: Y015
+
+@_typing.final
 class UnlockRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -101,6 +101,11 @@ class TwoFactorAdminStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/RotateKey',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorAdminServicer:
@@ -194,6 +199,14 @@ class TwoFactorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """Re-seal every secret under the daemon's key (started with the old one as
+        old_key_file), while serving; safe to interrupt and run again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +274,11 @@ def add_TwoFactorAdminServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -616,6 +634,33 @@ class TwoFactorAdmin:
             '/otpgate.v1.TwoFactorAdmin/ListAuditEvents',
             otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/RotateKey',
+            otpgate_dot_v1_dot_otpgate__pb2.RotateKeyRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.RotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,10 @@ class TwoFactorAdminStub:
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ListAuditEventsRequest, _otpgate_pb2.ListAuditEventsResponse]
     """The audit trail, newest first, a page at a time."""
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.RotateKeyRequest, _otpgate_pb2.RotateKeyResponse]
+    """Re-seal every secret under the daemon's key (started with the old one as
+    old_key_file), while serving; safe to interrupt and run again.
+    """
 
 @_typing.type_check_only
 class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
@@ -100,6 +104,10 @@ class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ListAuditEventsRequest, _otpgate_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """The audit trail, newest first, a page at a time."""
+    RotateKey: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.RotateKeyRequest, _otpgate_pb2.RotateKeyResponse]  # type: ignore[assignment]
+    """Re-seal every secret under the daemon's key (started with the old one as
+    old_key_file), while serving; safe to interrupt and run again.
+    """
 
 class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
     """The admin API, on admin.sock (root and the admin group). Every caller is
@@ -206,6 +214,16 @@ class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.ListAuditEventsResponse, _abc.Awaitable[_otpgate_pb2.ListAuditEventsResponse]]:
         """The audit trail, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _otpgate_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.RotateKeyResponse, _abc.Awaitable[_otpgate_pb2.RotateKeyResponse]]:
+        """Re-seal every secret under the daemon's key (started with the old one as
+        old_key_file), while serving; safe to interrupt and run again.
+        """
 
 def add_TwoFactorAdminServicer_to_server(servicer: TwoFactorAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
