@@ -99,6 +99,15 @@ install -d -m 0700 /etc/otpgate
 
 stop_daemon
 install -d -m 0755 "$runtime_dir"
+# Running the quick start again is how it is upgraded: bring an older database to
+# this version's schema (otpgated refuses it otherwise), after a backup beside it.
+if [ -e "$state_dir/otpgate.sqlite3" ]; then
+  if ! upgraded=$("$prefix/bin/otpgated" upgrade-schema --state-dir "$state_dir" 2>&1); then
+    echo "quickstart: $upgraded" >&2
+    exit 1
+  fi
+  echo "quickstart: $upgraded"
+fi
 setsid "$prefix/bin/otpgated" --state-dir "$state_dir" --runtime-dir "$runtime_dir" \
   </dev/null >>"$log" 2>&1 &
 echo $! >"$pidfile"

@@ -184,6 +184,12 @@ def test_upgrade_schema_only_when_told(make_daemon: Callable[..., Daemon], tmp_p
     done = _otpgated("upgrade-schema", *options)
     assert done.returncode == 0, done.stderr
     assert f"upgraded from version 1 to {schema.SCHEMA_VERSION}" in done.stdout
+    backup = daemon.database.with_name(daemon.database.name + ".schema-v1.bak")
+    assert f"backed up to {backup}" in done.stdout
+    assert (backup.stat().st_mode & 0o777) == 0o600
+    kept = sqlite3.connect(backup)
+    assert kept.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == ("1",)
+    kept.close()
     assert "already at" in _otpgated("upgrade-schema", *options).stdout
     daemon.start()
     assert daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=5).enabled

@@ -144,3 +144,9 @@ def test_rotation_killed_half_way_then_finished(
     )
     assert confirmed.twofactor_auth_configured
     assert "key_rotated" in daemon.log()
+    # Run again with one key only: nothing to rotate, and it says so.
+    again = subprocess.run(
+        [sys.executable, "-m", "otpgate.cli.main", "--socket", daemon.admin_socket, "rotate-key"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0 and "nothing to rotate" in again.stdout

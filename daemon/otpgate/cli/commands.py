@@ -400,9 +400,10 @@ def import_oath_users(client: Client, args: argparse.Namespace) -> Imported:
     return Imported(args.file, names, lines, skipped, [], args.dry_run)
 
 
-def _moment(flag: str, text: str | None) -> int | None:
+def _moment(flag: str, text: str | None, *, day_end: bool = False) -> int | None:
     """--since/--until: an ISO 8601 date or time (local time unless it says), or
-    seconds since the epoch."""
+    seconds since the epoch. A bare date as --until (day_end) means the end of that
+    day, so that --since D --until D is day D."""
     if text is None:
         return None
     if text.isdigit():
@@ -415,6 +416,8 @@ def _moment(flag: str, text: str | None) -> int | None:
         raise InvalidArgument(
             flag, f"{text!r} is not a date (2026-12-01, 2026-12-01T10:30) or epoch seconds"
         ) from None
+    if day_end and len(text) == 10:
+        moment += dt.timedelta(days=1)
     return int(moment.timestamp())
 
 
@@ -423,7 +426,8 @@ def audit(client: Client, args: argparse.Namespace) -> AuditShown:
         raise InvalidArgument("--limit", f"must be from 1 to 100000 (got {args.limit})")
     limit = args.limit or 100
     request = pb.ListAuditEventsRequest(username=args.user or "")
-    since, until = _moment("--since", args.since), _moment("--until", args.until)
+    since = _moment("--since", args.since)
+    until = _moment("--until", args.until, day_end=True)
     if since is not None:
         request.since = since
     if until is not None:
@@ -519,7 +523,8 @@ def _doctor_daemon(client: Client, admin_socket: str) -> list[str]:
         if not any_enrolled:
             problems.append(
                 "daemon: 2FA is on for SSH but no administrator is enrolled "
-                f"({', '.join(admins)}): enroll one with `otpgate renew-secret USER`"
+                f"({', '.join(admins)}): enroll one with `otpgate renew-secret USER`, "
+                "then `otpgate confirm USER CODE`"
             )
     return problems
 

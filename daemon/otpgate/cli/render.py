@@ -201,10 +201,9 @@ def _(result: Confirmed, *, as_json: bool, out: TextIO, err: TextIO) -> None:
     if as_json:
         _json(message_dict(result.user), out)
     else:
-        print(
-            f"new 2FA secret of {result.user.username} confirmed: the old one no longer works",
-            file=out,
-        )
+        name = result.user.username
+        print(f"new 2FA secret of {name} confirmed (any earlier one no longer works)", file=out)
+        print(f"{name} has no recovery codes now: otpgate recovery-codes {name}", file=err)
 
 
 @render.register
@@ -241,6 +240,8 @@ def _(result: AuditShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
         return
     import time
 
+    if not result.events:
+        print("no events match", file=err)
     for e in result.events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
         who = " ".join(part for part in (e.path, e.caller) if part) or "otpgated"
@@ -256,6 +257,13 @@ def _(result: KeyRotated, *, as_json: bool, out: TextIO, err: TextIO) -> None:
     if as_json:
         _json(message_dict(reply), out)
         return
+    if not reply.old_key_loaded and not reply.old_key_ids:
+        print(
+            f"nothing to rotate: otpgated holds only its key {reply.key_id}; restart it with "
+            "the new key as key_file and this one as old_key_file first",
+            file=out,
+        )
+        return
     print(f"re-sealed {reply.resealed} under key {reply.key_id}", file=out)
     if reply.old_key_ids:
         print(
@@ -264,7 +272,11 @@ def _(result: KeyRotated, *, as_json: bool, out: TextIO, err: TextIO) -> None:
             file=out,
         )
     else:
-        print("done: nothing needs the old key any more; remove old_key_file", file=out)
+        print(
+            "done: nothing needs the old key any more; put the new key where key_file "
+            "points by default, drop old_key_file, restart otpgated",
+            file=out,
+        )
 
 
 @render.register

@@ -77,6 +77,7 @@ class Rotation:
     resealed: int  # rows re-sealed by this run
     key_id: str  # the key everything is sealed with now (when old_key_ids is empty)
     old_key_ids: list[str]  # keys still needed: rows a renewal raced, or a failed run
+    old_key_loaded: bool = True  # False: otpgated holds one key, so nothing was rotated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,8 +478,8 @@ class TwoFactorService:
         account = self._account(username)
         outcome = self._verify(account, token if well_formed else None, recovery_code=code)
         shape = "" if well_formed else " token=malformed"
-        if code is not None:
-            shape = " token=recovery_code"
+        if code is not None or outcome.recovery_codes_left is not None:
+            shape = " token=recovery_code"  # an 8-digit scratch code is told by its use
             if outcome.recovery_codes_left is not None:
                 shape += f" recovery_codes_left={outcome.recovery_codes_left}"
         log.info(
@@ -519,8 +520,13 @@ class TwoFactorService:
             left.add(check.key_id)
         left.discard(primary)
         self.record("key_rotated", "", f"resealed={done} key_id={primary} left={len(left)}")
-        log.info("key_rotated resealed=%d key_id=%s old_key_ids_left=%s", done, primary, left)
-        return Rotation(done, primary, sorted(left))
+        log.info(
+            "key_rotated resealed=%d key_id=%s old_key_ids_left=%s",
+            done,
+            primary,
+            ",".join(sorted(left)) or "none",
+        )
+        return Rotation(done, primary, sorted(left), old_key_loaded=len(self._keyring.key_ids) > 1)
 
     # -- audit ------------------------------------------------------------------------
 

@@ -136,7 +136,10 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
     ) -> pb.RotateKeyResponse:
         done = self._service.rotate_key()
         return pb.RotateKeyResponse(
-            resealed=done.resealed, key_id=done.key_id, old_key_ids=done.old_key_ids
+            resealed=done.resealed,
+            key_id=done.key_id,
+            old_key_ids=done.old_key_ids,
+            old_key_loaded=done.old_key_loaded,
         )
 
     @rpc

@@ -48,6 +48,10 @@ def upgrade_schema(argv: list[str]) -> None:
     from otpgate.server.main import open_daemon_store  # main imports this module
 
     config = daemon_config.load(argv, prog="otpgated upgrade-schema")
+    if not config.database_url:
+        backup = _backup_if_older(config.database)
+        if backup:
+            print(f"{config.database}: backed up to {backup} before the upgrade")
     store = open_daemon_store(config, upgrade=True)
     try:
         found = getattr(store, "upgraded_from", None)
@@ -58,6 +62,40 @@ def upgrade_schema(argv: list[str]) -> None:
         print(f"{where}: already at schema version {schema.SCHEMA_VERSION}")
     else:
         print(f"{where}: schema upgraded from version {found} to {schema.SCHEMA_VERSION}")
+
+
+def _backup_if_older(path: str) -> str | None:
+    """A SQLite file of an older schema is copied (SQLite's online backup, 0600)
+    beside itself first: an upgrade is one-way. The copy's path, or None."""
+    import sqlite3
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = source.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            found = schema.stored_version(row)
+            if not 0 < found < schema.SCHEMA_VERSION:
+                return None  # current, newer or not ours: opening it will say
+            backup = f"{path}.schema-v{found}.bak"
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            target = sqlite3.connect(backup)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+            return backup
+        finally:
+            source.close()
+    except FileExistsError:
+        raise StoreError(
+            f"{path}.schema-v{found}.bak exists already: move it away (it is the backup of "
+            "an earlier try) and run upgrade-schema again"
+        ) from None
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot back up {path}: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

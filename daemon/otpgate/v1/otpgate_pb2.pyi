@@ -968,10 +968,15 @@ class RotateKeyResponse(_message.Message):
     RESEALED_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     OLD_KEY_IDS_FIELD_NUMBER: _builtins.int
+    OLD_KEY_LOADED_FIELD_NUMBER: _builtins.int
     resealed: _builtins.int
     """Rows re-sealed by this call."""
     key_id: _builtins.str
     """The key everything is sealed with once old_key_ids is empty."""
+    old_key_loaded: _builtins.bool
+    """False when otpgated holds no old key (old_key_file): nothing could be
+    rotated; restart it with the new key and the current one as the old.
+    """
     @_builtins.property
     def old_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys some row still needs; empty: the old key may be removed."""
@@ -982,10 +987,11 @@ class RotateKeyResponse(_message.Message):
         resealed: _builtins.int = ...,
         key_id: _builtins.str = ...,
         old_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        old_key_loaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "old_key_ids", b"old_key_ids", "resealed", b"resealed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "old_key_ids", b"old_key_ids", "old_key_loaded", b"old_key_loaded", "resealed", b"resealed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
