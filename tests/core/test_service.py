@@ -401,6 +401,7 @@ def test_audit_rows_carry_the_services_clock(env: tuple) -> None:
         (start, "settings_updated"),
         (start + 100, "secret_renewed"),
         (start + 200, "locked"),
+        (start + 200, "verify"),
         (start + 300, "secret_unset"),
     ]
 
