@@ -87,7 +87,11 @@ class Gate:
             return Decision(Verdict.NOT_REQUIRED)
         try:
             outcome = self._service.verify(
-                username, token, via=f"pam:{pam_service}", malformed_counts=True
+                username,
+                token,
+                via=f"pam:{pam_service}",
+                malformed_counts=True,
+                settings=settings,
             )
         except (NotFound, InvalidArgument):
             _burn_time(token)

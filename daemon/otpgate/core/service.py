@@ -453,7 +453,13 @@ class TwoFactorService:
     # -- verification ---------------------------------------------------------------
 
     def verify(
-        self, username: str, token: str, *, via: str, malformed_counts: bool = False
+        self,
+        username: str,
+        token: str,
+        *,
+        via: str,
+        malformed_counts: bool = False,
+        settings: Settings | None = None,
     ) -> Verification:
         """Check a code for an existing account; spend it when right.
 
@@ -476,7 +482,9 @@ class TwoFactorService:
                 ) from None
             well_formed = False
         account = self._account(username)
-        outcome = self._verify(account, token if well_formed else None, recovery_code=code)
+        outcome = self._verify(
+            account, token if well_formed else None, recovery_code=code, settings=settings
+        )
         shape = "" if well_formed else " token=malformed"
         if code is not None or outcome.recovery_codes_left is not None:
             shape = " token=recovery_code"  # an 8-digit scratch code is told by its use
@@ -565,9 +573,15 @@ class TwoFactorService:
         return self._store.purge_audit(before=int(self._clock()) - retention_days * 86400)
 
     def _verify(
-        self, account: Account, token: str | None, *, recovery_code: str | None = None
+        self,
+        account: Account,
+        token: str | None,
+        *,
+        recovery_code: str | None = None,
+        settings: Settings | None = None,
     ) -> Verification:
-        settings = self._store.load_settings()
+        # The caller's copy when it has just read them (the PAM gate): one read less.
+        settings = settings or self._store.load_settings()
         now = self._clock()
         # Counting the attempt also fetches the secret: one statement on the login path.
         record = self._store.count_attempt(account.username, account.uid, now=int(now))

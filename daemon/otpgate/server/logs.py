@@ -592,6 +592,8 @@ def configure() -> None:
     handler.setFormatter(LineFormatter(fmt))
     handler.addFilter(keep_metadata_out)
     logging.basicConfig(handlers=[handler], level=logging.INFO)
+    # psycopg's pool logs every checkout at INFO: built, then dropped, per login.
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
     if _capture is None:
         _capture = StderrCapture(2, floor=_core_floor())
         # Registered after logging's own: runs before logging.shutdown, so what C
