@@ -60,14 +60,30 @@ def print_table(rows: list[Row]) -> None:
 
 
 class BenchDaemon:
-    """otpgated in a temporary directory, optionally pinned to some CPUs."""
+    """otpgated in a temporary directory, optionally pinned to some CPUs.
 
-    def __init__(self, root: Path, cpus: set[int] | None = None, *extra: str) -> None:
+    On SQLite by default; `extra` may give it a PostgreSQL database instead
+    (bench.pg.BenchPg.daemon_args). `key_from`: start with a copy of that key file,
+    as every daemon that shares a database must. `profile`: run it under
+    bench.profiled, which writes its timers there when it stops.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        cpus: set[int] | None = None,
+        *extra: str,
+        key_from: Path | None = None,
+        profile: Path | None = None,
+    ) -> None:
         self.root = root
+        self.profile = profile
         self.cpus = cpus
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "otpgated.log"
+        if key_from is not None:
+            shutil.copy2(key_from, root / "key")
 
     def socket(self, name: str) -> str:
         return str(self.root / "run" / f"{name}.sock")
@@ -77,12 +93,16 @@ class BenchDaemon:
         offset = self.log.stat().st_size if self.log.exists() else 0
         started = time.monotonic()
         with open(self.log, "ab") as log:
+            program = ["otpgate.server.main"]
+            if self.profile is not None:
+                program = ["bench.profiled", str(self.profile)]
+            cpus = self.cpus
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "otpgate.server.main",
+                [sys.executable, "-m", *program,
                  "--state-dir", str(self.root / "state"), "--runtime-dir", str(self.root / "run"),
                  "--key-file", str(self.root / "key"), "--admin-group", "root", *self.extra],
-                stdout=log, stderr=log,
-                preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
+                stdout=log, stderr=log, cwd=REPO,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )  # fmt: skip
         while True:
             if self.proc.poll() is not None:
@@ -100,6 +120,10 @@ class BenchDaemon:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -109,11 +133,20 @@ class BenchDaemon:
     def admin(self) -> pb_grpc.TwoFactorAdminStub:
         return pb_grpc.TwoFactorAdminStub(grpc.insecure_channel("unix:" + self.socket("admin")))
 
+    def pam(self) -> pb_grpc.PamGateStub:
+        return pb_grpc.PamGateStub(grpc.insecure_channel("unix:" + self.socket("pam")))
+
 
 @contextlib.contextmanager
-def bench_daemon(cpus: set[int] | None = None, *extra: str) -> Iterator[BenchDaemon]:
+def bench_daemon(
+    cpus: set[int] | None = None,
+    *extra: str,
+    key_from: Path | None = None,
+    profile: Path | None = None,
+) -> Iterator[BenchDaemon]:
+    """A BenchDaemon (not started yet), its directory removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="otpgate-bench-"))
-    daemon = BenchDaemon(root, cpus, *extra)
+    daemon = BenchDaemon(root, cpus, *extra, key_from=key_from, profile=profile)
     try:
         yield daemon
     finally:
@@ -156,6 +189,12 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
         fn()
         samples.append(time.perf_counter() - t)
     return samples
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_split() -> tuple[set[int] | None, set[int] | None]:
