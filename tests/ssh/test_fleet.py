@@ -79,9 +79,21 @@ def enroll_with_cli(daemon: Daemon, user: LocalUser) -> pyotp.TOTP:
     return totp
 
 
+def held_within_a_second(daemon: Daemon, **wanted: object) -> None:
+    """A setting changed through the other daemon holds on this one within a second."""
+    changed = time.monotonic()
+    while True:
+        config = daemon.admin().GetConfig(pb.GetConfigRequest(), timeout=5)
+        if all(getattr(config, name) == value for name, value in wanted.items()):
+            return
+        assert time.monotonic() - changed < 1.0, "the other daemon's setting did not hold"
+        time.sleep(0.01)
+
+
 def test_one_enrollment_serves_both_hosts(fleet: Fleet, user: LocalUser) -> None:
     totp = enroll_with_cli(fleet.a, user)  # once, through daemon A
     enable(fleet.b)  # 2FA on for SSH, window=1, through daemon B
+    held_within_a_second(fleet.a, enabled=True, window=1)
     shown = fleet.b.admin().GetUser(pb.GetUserRequest(username=user.name), timeout=5)
     assert shown.twofactor_auth_configured
     now, following = codes(totp)
@@ -101,6 +113,7 @@ def test_one_enrollment_serves_both_hosts(fleet: Fleet, user: LocalUser) -> None
 
 def test_a_code_is_good_once_across_hosts(fleet: Fleet, user: LocalUser) -> None:
     enable(fleet.a)
+    held_within_a_second(fleet.b, enabled=True, window=1)
     totp = enroll(fleet.a, user)
     first, second = codes(totp)
     assert login(fleet.sshd_a, user, first).ok, fleet.sshd_a.log_path.read_text()
@@ -117,6 +130,7 @@ def test_a_code_is_good_once_across_hosts(fleet: Fleet, user: LocalUser) -> None
 
 def test_enrollment_required_on_every_host(fleet: Fleet, user: LocalUser) -> None:
     enable(fleet.b, enrollment_policy=pb.ENROLLMENT_POLICY_REQUIRED)
+    held_within_a_second(fleet.a, enrollment_policy=pb.ENROLLMENT_POLICY_REQUIRED)
     for sshd in (fleet.sshd_a, fleet.sshd_b):
         refused = login(sshd, user, "123456")
         assert not refused.ok and "otpgate renew-secret" in refused.text, sshd.name

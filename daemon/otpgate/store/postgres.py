@@ -51,6 +51,7 @@ from otpgate.store.deadlines import Deadlines
 
 log = logging.getLogger("otpgated")
 
+_SETTINGS_SECONDS = 0.5  # how stale this daemon's copy of the shared settings may be
 _TRUSTED_SECONDS = 1.0  # a pooled connection this fresh is not checked again before use
 _POOL_MAX = 8  # connections per store: more threads wait their turn (bounded by `timeout`)
 _MIGRATION_LOCK = 0x6F747067  # "otpg": advisory lock serialising daemons that start at once
@@ -167,6 +168,7 @@ class PostgresStore:
         self._deadlines = Deadlines()
         self._connect_error: psycopg.Error | None = None
         self._parsed_settings: tuple[str, Settings] | None = None
+        self._settings_read: tuple[float, Settings] | None = None  # (monotonic, settings)
         # When each pooled connection last finished a conversation (see _check).
         self._last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         try:
@@ -338,20 +340,29 @@ class PostgresStore:
     # -- settings -------------------------------------------------------------------
 
     def load_settings(self) -> Settings:
-        # Read every time: another daemon on this database may have changed them.
-        # Parsed again only when the stored text changed (a tenth of a login's work).
+        # Another daemon on this database may have changed them: read again when the
+        # copy is older than _SETTINGS_SECONDS, so a change holds on every daemon
+        # within that (the fleet's promise is a second), at most one read each
+        # _SETTINGS_SECONDS instead of one per login. Parsed again only when the
+        # stored text changed.
+        cached = self._settings_read
+        if cached is not None and time.monotonic() - cached[0] < _SETTINGS_SECONDS:
+            return cached[1]
+        read_at = time.monotonic()
         rows = self._query("SELECT value FROM settings WHERE id = 1")
         if not rows:
             raise StoreError("database has no settings row")
         text = rows[0][0]
         parsed = self._parsed_settings
         if parsed is not None and parsed[0] == text:
-            return parsed[1]
-        try:
-            settings = Settings.from_dict(json.loads(text))
-        except (ValueError, InvalidArgument) as exc:
-            raise StoreError(f"stored settings are invalid: {exc}") from None
-        self._parsed_settings = (text, settings)
+            settings = parsed[1]
+        else:
+            try:
+                settings = Settings.from_dict(json.loads(text))
+            except (ValueError, InvalidArgument) as exc:
+                raise StoreError(f"stored settings are invalid: {exc}") from None
+            self._parsed_settings = (text, settings)
+        self._settings_read = (read_at, settings)
         return settings
 
     def save_settings(self, settings: Settings, *, audit: str, now: int) -> None:
@@ -360,6 +371,7 @@ class PostgresStore:
                 "UPDATE settings SET value = %s WHERE id = 1", (json.dumps(settings.to_dict()),)
             )
             conn.execute(_AUDIT, self._event(now, "settings_updated", "", audit))
+        self._settings_read = None  # this daemon sees its own change at once
 
     # -- key check --------------------------------------------------------------------
 
