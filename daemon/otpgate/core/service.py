@@ -620,12 +620,19 @@ class TwoFactorService:
             recovery_code = token
         if recovery_code is not None:
             # Counted above like any code; a right one clears the count as a code does.
-            left = self._store.use_recovery_code(
-                account.username,
-                account.uid,
-                [recovery.mac(self._recovery_key, account.username, account.uid, recovery_code)],
-                now=int(now),
-            )
+            try:
+                left = self._store.use_recovery_code(
+                    account.username,
+                    account.uid,
+                    [
+                        recovery.mac(
+                            self._recovery_key, account.username, account.uid, recovery_code
+                        )
+                    ],
+                    now=int(now),
+                )
+            except StoreUnavailable:
+                return self._unspent(account)
             if left is None:
                 return Verification(VerifyResult.INVALID)
             return Verification(VerifyResult.VALID, recovery_codes_left=left)
@@ -639,6 +646,19 @@ class TwoFactorService:
         )
         if step is None:
             return Verification(VerifyResult.INVALID)
-        if not self._store.accept_step(account.username, account.uid, step):
+        try:
+            spent = self._store.accept_step(account.username, account.uid, step)
+        except StoreUnavailable:
+            return self._unspent(account)
+        if not spent:
             return Verification(VerifyResult.REPLAYED)
         return Verification(VerifyResult.VALID)
+
+    @staticmethod
+    def _unspent(account: Account) -> Verification:
+        # The attempt is counted and the code was looked at: from here on only a
+        # verdict may come back, never "unavailable" (on which a fail=safe hook lets
+        # the first factor alone in, a replayed or wrong code with it). A code
+        # that could not be spent is refused; its owner types the next one.
+        log.warning("code_not_spent user=%s: database unavailable; refused", account.username)
+        return Verification(VerifyResult.INVALID)

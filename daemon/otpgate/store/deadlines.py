@@ -8,14 +8,17 @@ wait forever, holding a daemon thread and the login behind it. So each pooled
 conversation registers its socket here with a deadline, and one thread shuts the
 socket down (both directions) when the deadline passes: the blocked read returns
 at once with an error, the driver marks the connection broken, and the pool
-replaces it. shutdown() rather than close(): the descriptor stays the driver's,
-so it can never be reused under it.
+replaces it. The deadline holds a duplicate of the descriptor (dup()), and
+shuts the socket down through it: should libpq close its own descriptor first
+(the server ended the connection) and the number go to another socket of this
+process, the duplicate still names the old socket, never the stranger.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
@@ -45,7 +48,7 @@ class Deadlines:
         self._thread: threading.Thread | None = None
 
     def start(self, fd: int, seconds: float) -> Deadline:
-        deadline = Deadline(self._clock() + seconds, fd)
+        deadline = Deadline(self._clock() + seconds, os.dup(fd))
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="db-deadlines", daemon=True)
@@ -58,7 +61,9 @@ class Deadlines:
     def finish(self, deadline: Deadline) -> None:
         # Under the lock: once finish() returns, the socket is never touched again.
         with self._cond:
-            deadline.done = True
+            if not deadline.done:
+                deadline.done = True
+                os.close(deadline.fd)
 
     def _run(self) -> None:
         with self._cond:

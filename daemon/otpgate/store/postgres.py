@@ -846,9 +846,22 @@ class PostgresStore:
             )
 
     def healthy(self) -> bool:
-        """The database answers (the watchdog's question); False if it is stuck or gone."""
+        """Whether a login could be decided now: the database answers, takes writes
+        (not a standby, not read-only) and the tables a login writes are not locked
+        against it (VACUUM FULL, ALTER TABLE). Nothing is written: the transaction
+        is rolled back, and ROW EXCLUSIVE, the lock every UPDATE takes, conflicts
+        with no other daemon's."""
         try:
-            self._query("SELECT 1 FROM settings WHERE id = 1")
+            with self._connection() as conn, conn.transaction(force_rollback=True):
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+                ).fetchone()
+                if row is None or row[0]:
+                    return False
+                conn.execute(
+                    "LOCK TABLE settings, secrets, recovery_codes, audit_events "
+                    "IN ROW EXCLUSIVE MODE NOWAIT"
+                )
         except StoreError:
             return False
         return True
@@ -874,7 +887,6 @@ _OUTAGE_WORDS = (
     "the database system is starting up",
     "the database system is shutting down",
     "the database system is in recovery mode",
-    "too many clients",
     "could not receive data",
     "could not send data",
     "consuming input failed",
@@ -885,15 +897,36 @@ _OUTAGE_WORDS = (
 )
 
 
+# A refusal wins over an outage in the same message: libpq reports every address
+# it tried (host=a,b; a name with an IPv6 and an IPv4 address), and one "connection
+# refused" among them must not hide the server that refused us. Full connection
+# slots are not an outage either: any local user who reaches the port can fill them
+# (they are taken before authentication), and fail=safe would then let everyone in
+# on the first factor.
+_REFUSAL_WORDS = (
+    "password authentication failed",
+    "authentication failed",
+    "pg_hba.conf",
+    "certificate",
+    "ssl",
+    "does not match host name",
+    "does not exist",
+    "permission denied",
+    "too many clients",
+    "remaining connection slots",
+)
+
+
 def _is_outage(exc: psycopg.Error) -> bool:
     state = exc.sqlstate or ""
     if state:
-        # 08: connection exception; 57P: shutting down, crashed, cannot connect now;
-        # 53300: too many connections.
-        return state.startswith(("08", "57P")) or state == "53300"
+        # 08: connection exception; 57P: shutting down, crashed, cannot connect now.
+        return state.startswith(("08", "57P"))
     if not isinstance(exc, psycopg.OperationalError):
         return False
     text = str(exc).lower()
+    if any(words in text for words in _REFUSAL_WORDS):
+        return False
     return any(words in text for words in _OUTAGE_WORDS)
 
 
