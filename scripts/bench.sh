@@ -4,6 +4,6 @@
 # Extra arguments go to bench.run (--quick, --only SECTION...).
 set -eu
 cd "$(dirname "$0")/.."
-packages="python3 python3-venv pamtester libpam-oath libpam-google-authenticator passwd"
+packages="python3 python3-venv pamtester libpam-oath libpam-google-authenticator passwd postgresql"
 . scripts/env.sh
 exec "$venv/bin/python" -m bench.run "$@"
