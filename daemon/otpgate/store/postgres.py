@@ -858,9 +858,11 @@ class PostgresStore:
                 ).fetchone()
                 if row is None or row[0]:
                     return False
+                # Without NOWAIT: a lock a login would wait out (lock_timeout) is no
+                # reason to say NOT_SERVING; one held longer is.
                 conn.execute(
                     "LOCK TABLE settings, secrets, recovery_codes, audit_events "
-                    "IN ROW EXCLUSIVE MODE NOWAIT"
+                    "IN ROW EXCLUSIVE MODE"
                 )
         except StoreError:
             return False
@@ -902,13 +904,14 @@ _OUTAGE_WORDS = (
 # refused" among them must not hide the server that refused us. Full connection
 # slots are not an outage either: any local user who reaches the port can fill them
 # (they are taken before authentication), and fail=safe would then let everyone in
-# on the first factor.
+# on the first factor. A TLS session that breaks ("SSL error: unexpected eof") is
+# an outage like any other; one that is refused names its certificate.
 _REFUSAL_WORDS = (
     "password authentication failed",
     "authentication failed",
     "pg_hba.conf",
     "certificate",
-    "ssl",
+    "does not support ssl",
     "does not match host name",
     "does not exist",
     "permission denied",
