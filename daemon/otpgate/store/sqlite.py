@@ -178,14 +178,17 @@ class SQLiteStore:
         cached = self._settings
         if cached is not None:
             return cached
-        rows = self._query("SELECT value FROM settings WHERE id = 1")
-        if not rows:
-            raise StoreError("database has no settings row")
-        try:
-            settings = Settings.from_dict(json.loads(rows[0][0]))
-        except (ValueError, InvalidArgument) as exc:
-            raise StoreError(f"stored settings are invalid: {exc}") from None
-        self._settings = settings
+        with self._lock:
+            rows = self._db.execute("SELECT value FROM settings WHERE id = 1").fetchall()
+            if not rows:
+                raise StoreError("database has no settings row")
+            try:
+                settings = Settings.from_dict(json.loads(rows[0][0]))
+            except (ValueError, InvalidArgument) as exc:
+                raise StoreError(f"stored settings are invalid: {exc}") from None
+            # Kept under the lock that save_settings clears it under: a read that
+            # raced a save can never put the old row back after the save.
+            self._settings = settings
         return settings
 
     def save_settings(self, settings: Settings, *, audit: str, now: int) -> None:
