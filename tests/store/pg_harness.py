@@ -29,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,10 +249,19 @@ class PgServer:
             f"-c listen_addresses={listen} -c unix_socket_directories={self.root} -p {self.port} "
             "-c fsync=off -c max_connections=300"
         )
-        self._as_postgres(
-            "pg_ctl", "start", "-w", "-t", "30", "-D", str(self.data),
-            "-l", str(self.root / "server.log"), "-o", options,
-        )  # fmt: skip
+        # Right after a SIGKILL the dead postmaster's shared memory or socket lock can
+        # linger for a moment and fail a start: try again before giving up.
+        for attempt in range(5):
+            try:
+                self._as_postgres(
+                    "pg_ctl", "start", "-w", "-t", "30", "-D", str(self.data),
+                    "-l", str(self.root / "server.log"), "-o", options,
+                )  # fmt: skip
+                return
+            except subprocess.CalledProcessError:
+                if attempt == 4:
+                    raise
+                time.sleep(1.0)
 
     def stop(self) -> None:
         self._as_postgres("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data))
