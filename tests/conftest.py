@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
-from tests.store.pg_harness import PgServer, skip_reason
+from tests.store.pg_harness import PgServer, private_server
 
 REPO = Path(__file__).resolve().parent.parent
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
@@ -265,24 +265,24 @@ def cli_python() -> Iterator[tuple[str, dict[str, str]]]:
 # that every module that asks for it shares the same one.
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer()
-    try:
+    with private_server() as server:
         yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture(scope="session")
 def pg_tls_server() -> Iterator[PgServer]:
     """A second server that also listens on 127.0.0.1 and lets in only TLS there."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer(tls=True)
-    try:
+    with private_server(tls=True) as server:
         yield server
-    finally:
-        server.remove()
+
+
+def hook_exit(daemon: Daemon, username: str, code: str, fail: str) -> int:
+    """The shipped hook's exit status (0: the login goes on) for `code`, asked of
+    `daemon`'s pam.sock as pam_exec would run it."""
+    env = {"PAM_TYPE": "auth", "PAM_USER": username, "PAM_SERVICE": "sshd", "PATH": "/usr/bin"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(REPO / "pam_hook" / "otpgate-pam-hook"), "verify",
+         f"socket={daemon.socket('pam')}", "timeout=10", f"fail={fail}"],
+        input=code.encode(), env=env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return result.returncode

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pam
 import pyotp
 import pytest
 
@@ -101,12 +102,33 @@ def test_first_factor_done_outside_ssh_denies(
     assert pamtester(service, user.name, "").returncode != 0
 
 
-def _pam_login(service: str, user: str, typed: str, **env: str) -> tuple[bool, str]:
+def _pam_login(service: str, user: str, typed: str | bytes, **env: str) -> tuple[bool, str]:
     """One authentication through python-pam, which can set PAM environment variables as
-    sshd does (pamtester cannot); returns (success, every message shown)."""
-    authenticator = pam.PamAuthenticator()
-    ok = authenticator.authenticate(user, typed, service=service, env=env, resetcreds=False)
-    return ok, "\n".join(authenticator.messages)
+    sshd does (pamtester cannot); returns (success, every message shown).
+
+    In a process of its own: pam_exec forks whoever runs PAM, and this test process
+    holds gRPC channels whose fork handlers then run in the child (an epoll_wait
+    error line, now and then a lost login). sshd, the real caller, has none."""
+    script = (
+        "import json, sys, pam\n"
+        "service, user, typed, env = json.loads(sys.stdin.read())\n"
+        "typed = bytes.fromhex(typed)\n"
+        "a = pam.PamAuthenticator()\n"
+        "ok = a.authenticate(user, typed, service=service, env=env, resetcreds=False)\n"
+        "print(json.dumps([bool(ok), a.messages]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps([service, user, _bytes(typed).hex(), env]),
+        capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    ok, messages = json.loads(result.stdout)
+    return ok, "\n".join(messages)
+
+
+def _bytes(typed: str | bytes) -> bytes:
+    return typed.encode() if isinstance(typed, str) else typed
 
 
 def test_always_prompt_stack_one_hook_call(
@@ -214,13 +236,7 @@ def _login(mode: str, service: str, user: LocalUser, typed: bytes) -> bool:
     cannot set, so that mode goes through python-pam. python-pam refuses a NUL, where a
     C conversation such as pamtester's answers what comes before it: send that."""
     if "first-factor" in mode:
-        authenticator = pam.PamAuthenticator()
-        answer = typed.split(b"\0")[0]
-        return bool(
-            authenticator.authenticate(
-                user.name, answer, service=service, env=FIRST_FACTOR, resetcreds=False
-            )
-        )
+        return _pam_login(service, user.name, typed.split(b"\0")[0], **FIRST_FACTOR)[0]
     return pamtester(service, user.name, typed).returncode == 0
 
 

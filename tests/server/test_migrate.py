@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,6 @@ from otpgate.store import schema, sqlite
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
 from tests.store.pg_harness import PgServer
-
-
-def _url(server: PgServer, dbname: str) -> str:
-    host = urllib.parse.quote(str(server.root), safe="")
-    return f"postgresql://postgres@/{dbname}?host={host}&port={server.port}"
 
 
 def _otpgated(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +98,7 @@ def test_migrate_there_and_back_keeps_every_row(
     assert len(original["audit_events"]) >= 3 and len(original["secrets"]) == 1
     assert original["secrets"][0][9:11] == (step, 1)  # last_step, failures
 
-    url = _url(pg_server, pg_server.create_database())
+    url = pg_server.daemon_url(pg_server.create_database())
     there = _otpgated("migrate", str(first.database), url)
     assert there.returncode == 0, there.stderr
     assert "secrets: 1 rows copied, identical" in there.stdout
@@ -146,7 +140,7 @@ def test_migrate_refuses_what_it_must_not_touch(
     tmp_path: Path,
 ) -> None:
     first, _, _ = _used_daemon(make_daemon, user)
-    url = _url(pg_server, pg_server.create_database())
+    url = pg_server.daemon_url(pg_server.create_database())
     assert _otpgated("migrate", str(first.database), url).returncode == 0
     before = _tables_postgres(url)
 

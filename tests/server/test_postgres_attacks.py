@@ -18,9 +18,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,10 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from otpgate.store.postgres import PostgresStore
 from otpgate.v1 import otpgate_pb2 as pb
-from tests.conftest import REPO, RUNUSER, Daemon, LocalUser
-from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, TLS_ROLE, PgServer, skip_reason
+from tests.conftest import RUNUSER, Daemon, LocalUser, hook_exit
+from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, TLS_ROLE, PgServer, private_server
 
-HOOK = REPO / "pam_hook" / "otpgate-pam-hook"
 TIMEOUT = 1.0  # --database-timeout of the daemons here
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,32 +42,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def tcp_server() -> Iterator[PgServer]:
     """A server of this module's own, also on 127.0.0.1 (where any local user can
     connect, as on a fleet host that reaches its database over the network)."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer(tcp=True)
-    try:
+    with private_server(tcp=True) as server:
         yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture(scope="module")
 def tls_server() -> Iterator[PgServer]:
     """A TLS server of this module's own (a test crashes it)."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer(tls=True)
-    try:
+    with private_server(tls=True) as server:
         yield server
-    finally:
-        server.remove()
-
-
-def _socket_url(server: PgServer, dbname: str) -> str:
-    host = urllib.parse.quote(str(server.root), safe="")
-    return f"postgresql://postgres@/{dbname}?host={host}&port={server.port}"
 
 
 def _password_file(directory: Path) -> Path:
@@ -96,17 +76,6 @@ def _verify(daemon: Daemon, username: str, code: str) -> str:
         return pb.Verdict.Name(daemon.pam().Verify(request, timeout=30).verdict)
     except grpc.RpcError as exc:
         return f"rpc:{exc.code().name}"
-
-
-def _hook(daemon: Daemon, username: str, code: str, fail: str) -> int:
-    """The shipped hook's exit status for `code` (0: the login goes on)."""
-    env = {"PAM_TYPE": "auth", "PAM_USER": username, "PAM_SERVICE": "sshd", "PATH": "/usr/bin"}
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", str(HOOK), "verify",
-         f"socket={daemon.socket('pam')}", "timeout=10", f"fail={fail}"],
-        input=code.encode(), env=env, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return result.returncode
 
 
 def _failures(url: str, username: str) -> tuple[int, int]:
@@ -177,7 +146,7 @@ def test_a_replayed_code_is_never_allowed_when_the_database_fails_after_counting
     # spend (accept_step), the daemon answers "unavailable" for a code it has
     # judged, and a fail=safe hook lets the replay in.
     dbname = pg_server.create_database()
-    url = _socket_url(pg_server, dbname)
+    url = pg_server.daemon_url(dbname)
     daemon = make_daemon("--database-url", url, "--database-timeout", str(TIMEOUT))
     totp = _enroll(daemon, user)
     code = totp.at(int(time.time()) // 30 * 30)
@@ -189,7 +158,7 @@ def test_a_replayed_code_is_never_allowed_when_the_database_fails_after_counting
     verdicts = [_verify(daemon, user.name, code) for _ in range(2)]
     assert _failures(url, user.name)[0] == before[0] + 2  # counted: the code was judged
     assert "VERDICT_UNAVAILABLE" not in verdicts, verdicts
-    assert _hook(daemon, user.name, code, "safe") == 1, "fail=safe admitted a replayed code"
+    assert hook_exit(daemon, user.name, code, "safe") == 1, "fail=safe admitted a replayed code"
 
 
 @pytest.mark.parametrize("guess", ["aaaa-bbbb-cccc", "12345678"])
@@ -201,7 +170,7 @@ def test_a_wrong_recovery_code_is_never_allowed_when_the_database_fails_after_co
     # google-authenticator scratch code). If the database stops answering there,
     # a wrong guess comes back "unavailable" and a fail=safe hook lets it in.
     dbname = pg_server.create_database()
-    url = _socket_url(pg_server, dbname)
+    url = pg_server.daemon_url(dbname)
     daemon = make_daemon("--database-url", url, "--database-timeout", str(TIMEOUT))
     _enroll(daemon, user)
     assert _verify(daemon, user.name, guess) == "VERDICT_DENY"  # normally
@@ -218,7 +187,7 @@ def test_a_wrong_recovery_code_is_never_allowed_when_the_database_fails_after_co
     verdict = _verify(daemon, user.name, guess)
     assert _failures(url, user.name)[0] == before[0] + 1  # counted first
     assert verdict != "VERDICT_UNAVAILABLE", verdict
-    assert _hook(daemon, user.name, guess, "safe") == 1, "fail=safe admitted a wrong guess"
+    assert hook_exit(daemon, user.name, guess, "safe") == 1, "fail=safe admitted a wrong guess"
 
 
 def test_wrong_codes_keep_their_verdict_when_the_database_fails_after_counting(
@@ -228,14 +197,14 @@ def test_wrong_codes_keep_their_verdict_when_the_database_fails_after_counting(
     # spend both stall; a wrong code is still "invalid" or "locked", never
     # "unavailable", and the lock is taken by a later attempt once it can be.
     dbname = pg_server.create_database()
-    url = _socket_url(pg_server, dbname)
+    url = pg_server.daemon_url(dbname)
     daemon = make_daemon("--database-url", url, "--database-timeout", str(TIMEOUT))
     _enroll(daemon, user, lockout_threshold=2, lockout_seconds=60)
     _slow_statements(url, "%lockouts = lockouts + 1%")
     verdicts = [_verify(daemon, user.name, f"{n:06d}") for n in range(5)]
     assert set(verdicts) <= {"VERDICT_DENY", "VERDICT_LOCKED"}, verdicts
     assert verdicts[:2] == ["VERDICT_DENY", "VERDICT_DENY"], verdicts
-    assert _hook(daemon, user.name, "123456", "safe") == 1
+    assert hook_exit(daemon, user.name, "123456", "safe") == 1
     assert "lock_deferred" in daemon.log()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TRIGGER attack_stall ON secrets")
@@ -303,7 +272,7 @@ def test_an_ordinary_user_filling_the_connection_slots_does_not_open_fail_safe(
         "--database-timeout", str(TIMEOUT),
     )  # fmt: skip
     _enroll(daemon, victim)
-    assert _hook(daemon, victim.name, "000000", "safe") == 1
+    assert hook_exit(daemon, victim.name, "000000", "safe") == 1
     admin = psycopg.connect(tcp_server.url(dbname), autocommit=True)  # before the flood
     flood = subprocess.Popen(
         [RUNUSER, "-u", attacker.name, "--", "/usr/bin/python3", "-I", "-c", _FLOOD,
@@ -323,7 +292,7 @@ def test_an_ordinary_user_filling_the_connection_slots_does_not_open_fail_safe(
         _settle(daemon, victim.name)
         verdicts = [_verify(daemon, victim.name, f"{n:06d}") for n in range(3)]
         assert "VERDICT_UNAVAILABLE" not in verdicts, verdicts
-        assert _hook(daemon, victim.name, "123456", "safe") == 1, (
+        assert hook_exit(daemon, victim.name, "123456", "safe") == 1, (
             "an ordinary user's connection flood let a wrong code in under fail=safe"
         )
     finally:
@@ -380,7 +349,7 @@ def test_a_password_refused_at_reconnection_denies(
             _settle(daemon, user.name)
             verdicts = [_verify(daemon, user.name, f"{n:06d}") for n in range(3)]
             assert "VERDICT_UNAVAILABLE" not in verdicts, verdicts
-            assert _hook(daemon, user.name, "123456", "safe") == 1
+            assert hook_exit(daemon, user.name, "123456", "safe") == 1
         finally:
             admin.execute(f"ALTER ROLE {PASSWORD_ROLE} PASSWORD '{PASSWORD}'")
 
@@ -482,7 +451,7 @@ def test_health_is_not_serving_while_no_login_can_be_decided(
     # database that turned read-only (a failover onto a standby) fails every login
     # ("unavailable", or an error) while the health service says SERVING.
     dbname = pg_server.create_database()
-    url = _socket_url(pg_server, dbname)
+    url = pg_server.daemon_url(dbname)
     daemon = make_daemon("--database-url", url, "--database-timeout", str(TIMEOUT))
     _enroll(daemon, user)
     locker = psycopg.connect(url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 
 import grpc
@@ -17,11 +16,6 @@ from otpgate.core.crypto import create_key_file
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
 from tests.store.pg_harness import PgServer
-
-
-def _url(server: PgServer, dbname: str) -> str:
-    host = urllib.parse.quote(str(server.root), safe="")
-    return f"postgresql://postgres@/{dbname}?host={host}&port={server.port}"
 
 
 def _pair(make_daemon: Callable[..., Daemon], url: str) -> tuple[Daemon, Daemon]:
@@ -63,7 +57,7 @@ def test_two_daemons_one_database_accept_a_code_once(
     make_daemon: Callable[..., Daemon],
     user: LocalUser,
 ) -> None:
-    url = _url(pg_server, pg_server.create_database())
+    url = pg_server.daemon_url(pg_server.create_database())
     a, b = _pair(make_daemon, url)
     a.admin().UpdateConfig(
         pb.UpdateConfigRequest(enabled=True, services_ssh=True, window=10, lockout_threshold=100),
@@ -92,7 +86,7 @@ def test_a_daemon_with_another_key_refuses_the_database(
     pg_server: PgServer,
     make_daemon: Callable[..., Daemon],
 ) -> None:
-    url = _url(pg_server, pg_server.create_database())
+    url = pg_server.daemon_url(pg_server.create_database())
     make_daemon("--database-url", url)
     stranger = make_daemon("--database-url", url, start=False)
     stranger.key_file.parent.mkdir(mode=0o700, parents=True)
@@ -118,7 +112,7 @@ def test_concurrent_wrong_codes_through_two_daemons_check_at_most_the_threshold(
 
     threshold = 5
     dbname = pg_server.create_database()
-    a, b = _pair(make_daemon, _url(pg_server, dbname))
+    a, b = _pair(make_daemon, pg_server.daemon_url(dbname))
     a.admin().UpdateConfig(
         pb.UpdateConfigRequest(
             enabled=True, services_ssh=True, window=10,
@@ -154,7 +148,7 @@ def test_a_setting_changed_on_one_daemon_governs_logins_on_the_other_within_a_se
     make_daemon: Callable[..., Daemon],
     user: LocalUser,
 ) -> None:
-    a, b = _pair(make_daemon, _url(pg_server, pg_server.create_database()))
+    a, b = _pair(make_daemon, pg_server.daemon_url(pg_server.create_database()))
     a.admin().RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
     check = pb.PamRequest(username=user.name, service="sshd")
     for enabled, verdict in ((True, pb.VERDICT_OTP_REQUIRED), (False, pb.VERDICT_NOT_REQUIRED)):

@@ -13,11 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,10 +25,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from otpgate.v1 import otpgate_pb2 as pb
-from tests.conftest import REPO, Daemon, LocalUser
-from tests.store.pg_harness import PgServer, skip_reason
+from tests.conftest import Daemon, LocalUser, hook_exit
+from tests.store.pg_harness import PgServer, private_server
 
-HOOK = REPO / "pam_hook" / "otpgate-pam-hook"
 TIMEOUT = 1.0  # --database-timeout of the daemons here
 # What a call may take while the database is away: its bound, plus the pool's own
 # wait for a connection, plus a loaded 2-core machine's slack.
@@ -40,16 +36,12 @@ CALL_BOUND = 2 * TIMEOUT + 1.5
 
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PgServer]:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer()
-    try:
-        yield server
-    finally:
-        for pid in _server_pids(server):  # thaw whatever a failed test left stopped
-            os.kill(pid, signal.SIGCONT)
-        server.remove()
+    with private_server() as server:
+        try:
+            yield server
+        finally:
+            for pid in _server_pids(server):  # thaw whatever a failed test left stopped
+                os.kill(pid, signal.SIGCONT)
 
 
 def _server_pids(server: PgServer) -> list[int]:
@@ -104,16 +96,11 @@ def _wait_health(daemon: Daemon, status: int, within: float) -> float:
     raise AssertionError(f"health not {status} within {within} s (is {_health(daemon)})")
 
 
-def _url(server: PgServer, dbname: str) -> str:
-    host = urllib.parse.quote(str(server.root), safe="")
-    return f"postgresql://postgres@/{dbname}?host={host}&port={server.port}"
-
-
 @pytest.fixture
 def fleet_daemon(
     own_server: PgServer, make_daemon: Callable[..., Daemon], user: LocalUser
 ) -> tuple[Daemon, pyotp.TOTP, str]:
-    url = _url(own_server, own_server.create_database())
+    url = own_server.daemon_url(own_server.create_database())
     daemon = make_daemon("--database-url", url, "--database-timeout", str(TIMEOUT))
     daemon.admin().UpdateConfig(
         pb.UpdateConfigRequest(enabled=True, services_ssh=True, window=10, lockout_threshold=100),
@@ -130,16 +117,6 @@ def _row(server: PgServer, url: str, username: str) -> tuple[int, int]:
         ).fetchone()
     assert row is not None
     return row[0], row[1]
-
-
-def _hook(daemon: Daemon, username: str, code: str, fail: str) -> int:
-    env = {"PAM_TYPE": "auth", "PAM_USER": username, "PAM_SERVICE": "sshd", "PATH": "/usr/bin"}
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", str(HOOK), "verify",
-         f"socket={daemon.socket('pam')}", "timeout=10", f"fail={fail}"],
-        input=code.encode(), env=env, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return result.returncode
 
 
 class Load:
@@ -205,8 +182,8 @@ def test_database_killed_under_load_then_back(
         down_for = _wait_health(daemon, health_pb2.HealthCheckResponse.NOT_SERVING, 5.0)
         time.sleep(2.0)
         # The hook's fail mode acts on "unavailable", as on an unreachable daemon.
-        assert _hook(daemon, user.name, "000000", "secure") == 1
-        assert _hook(daemon, user.name, "000000", "safe") == 0
+        assert hook_exit(daemon, user.name, "000000", "secure") == 1
+        assert hook_exit(daemon, user.name, "000000", "safe") == 0
         restarting = time.monotonic()
         own_server.start()
         back_for = _wait_health(daemon, health_pb2.HealthCheckResponse.SERVING, 15.0)
@@ -292,7 +269,7 @@ def test_watchdog_is_fed_while_the_database_is_away(
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a ping every 0.5 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    url = _url(own_server, own_server.create_database())
+    url = own_server.daemon_url(own_server.create_database())
     daemon = make_daemon("--database-url", url, "--database-timeout", str(TIMEOUT))
     try:
         _kill(own_server)

@@ -21,7 +21,7 @@ import pytest
 
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
-from tests.server.test_postgres_daemons import _pair, _url
+from tests.server.test_postgres_daemons import _pair
 from tests.ssh.conftest import Login, Sshd, ssh_login
 from tests.ssh.test_flows import enable, enroll, wrong
 from tests.store.pg_harness import PgServer
@@ -41,7 +41,7 @@ def fleet(
     make_daemon: Callable[..., Daemon],
     make_sshd: Callable[..., Sshd],
 ) -> Fleet:
-    a, b = _pair(make_daemon, _url(pg_server, pg_server.create_database()))
+    a, b = _pair(make_daemon, pg_server.daemon_url(pg_server.create_database()))
     return Fleet(a, b, make_sshd("password", a), make_sshd("password", b))
 
 

@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +272,11 @@ class PgServer:
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def daemon_url(self, dbname: str) -> str:
+        """The postgresql:// URL otpgated takes (--database-url), over the socket."""
+        host = urllib.parse.quote(str(self.root), safe="")
+        return f"postgresql://postgres@/{dbname}?host={host}&port={self.port}"
+
     def url(self, dbname: str, user: str = "postgres") -> str:
         return f"host={self.root} port={self.port} user={user} dbname={dbname}"
 
@@ -313,3 +319,18 @@ class PgServer:
         name = f"otpgate_{next(self._databases)}"
         self.psql(f"CREATE DATABASE {name} OWNER {owner}", dbname="postgres")
         return name
+
+
+@contextlib.contextmanager
+def private_server(**options: bool) -> Iterator[PgServer]:
+    """A server of the caller's own (skipped where none can run), removed after."""
+    import pytest
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PgServer(**options)
+    try:
+        yield server
+    finally:
+        server.remove()

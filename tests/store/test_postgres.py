@@ -17,7 +17,7 @@ from otpgate.core.records import SecretRecord
 from otpgate.core.settings import Settings
 from otpgate.errors import ConfigError, StoreError, StoreUnavailable
 from otpgate.store.postgres import PostgresStore
-from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, PgServer, skip_reason
+from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, PgServer, private_server
 
 
 def _record(name: str = "alice", uid: int = 1000) -> SecretRecord:
@@ -145,14 +145,8 @@ def test_a_password_in_the_url_and_a_file_refused(tmp_path: Path, password_url: 
 @pytest.fixture
 def own_server() -> Iterator[PgServer]:
     """A server of this test's own, to stop and start without disturbing the others."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer()
-    try:
+    with private_server() as server:
         yield server
-    finally:
-        server.remove()
 
 
 def _fails_within(call: object, bound: float, error: type[StoreError] = StoreUnavailable) -> float:

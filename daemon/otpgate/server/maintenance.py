@@ -140,17 +140,19 @@ def migrate(argv: list[str]) -> None:
             args.target, password_file=args.to_password_file, timeout=timeout
         )
         try:
-            _copy(source, target, args.target)
+            _copy(source, target)
         finally:
             target.close()
     finally:
         source.close()
 
 
-def _copy(source: Any, target: Any, where: str) -> None:
+def _copy(source: Any, target: Any) -> None:
+    # The store's own name for its database: a URL's password never shows.
+    where = getattr(target, "where", None) or target.path
     if not target.is_empty():
         raise StoreError(
-            f"target {_shown(where)} is not empty (it holds secrets, audit events or a key "
+            f"target {where} is not empty (it holds secrets, audit events or a key "
             "check): migrate copies into an empty database only"
         )
     with source.snapshot() as rows:
@@ -158,7 +160,7 @@ def _copy(source: Any, target: Any, where: str) -> None:
     counts = _compare(source, target)
     for table, count in counts.items():
         print(f"{table}: {count} rows copied, identical")
-    print(f"copied to {_shown(where)}; the daemons on it need the source's key")
+    print(f"copied to {where}; the daemons on it need the source's key")
 
 
 def _compare(source: Any, target: Any) -> dict[str, int]:
@@ -182,15 +184,3 @@ def _compare(source: Any, target: Any) -> dict[str, int]:
 
 def _plain(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
-
-
-def _shown(location: str) -> str:
-    """A location for a message: a URL loses any password written into it."""
-    if not backends.is_url(location):
-        return location
-    import psycopg.conninfo
-
-    params = psycopg.conninfo.conninfo_to_dict(location)
-    return (
-        f"{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
-    )

@@ -317,25 +317,15 @@ class PostgresStore:
             # Daemons that start at once take turns: one creates, the others check.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             row = conn.execute("SELECT to_regclass('meta')").fetchone()
-            if row is None or row[0] is None:
-                conn.execute(_SCHEMA_V1)
-                conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-                conn.execute(
-                    "INSERT INTO settings VALUES (1, %s)", (json.dumps(Settings().to_dict()),)
-                )
-                found, upgrade = 1, True  # a new database: up to date, not "upgraded"
-            else:
-                row = conn.execute(
-                    "SELECT value FROM meta WHERE name = 'schema_version'"
-                ).fetchone()
-                found = schema.stored_version(row)
-                self.upgraded_from = found if found < schema.SCHEMA_VERSION else None
-            for version in schema.steps(found, upgrade=upgrade, where=self.where):
-                for statement in schema.statements(version, "postgres"):
-                    conn.execute(statement)
-                conn.execute(
-                    "UPDATE meta SET value = %s WHERE name = 'schema_version'", (str(version),)
-                )
+            self.upgraded_from = schema.migrate(
+                conn.execute,
+                fresh=row is None or row[0] is None,
+                v1_ddl=[_SCHEMA_V1],
+                backend="postgres",
+                mark="%s",
+                where=self.where,
+                upgrade=upgrade,
+            )
 
     # -- settings -------------------------------------------------------------------
 

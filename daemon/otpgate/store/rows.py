@@ -12,21 +12,10 @@ from typing import Any
 from otpgate.core import audit
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import SecretRecord
+from otpgate.store import schema
 
-SECRET_NAMES = (
-    "username",
-    "uid",
-    "key_id",
-    "nonce",
-    "ciphertext",
-    "otp_digits",
-    "interval",
-    "created_at",
-    "last_step",
-    "failures",
-    "lockouts",
-    "locked_until",
-)
+# The secrets table's columns (store.schema) but `status`: a record is active.
+SECRET_NAMES = tuple(c for c in schema.TABLES["secrets"][0] if c != "status")
 SECRET_COLUMNS = ", ".join(SECRET_NAMES)
 # A pending secret has the first eight, then expires_at.
 PENDING_NAMES = SECRET_NAMES[:8]

@@ -15,6 +15,11 @@ every daemon sharing that database must be ready for.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from otpgate.core.settings import Settings
 from otpgate.errors import StoreError
 
 # Every table, its columns in a fixed order, and the key that orders its rows:
@@ -122,6 +127,39 @@ def stored_version(row: tuple[object, ...] | None) -> int:
         return int(str(row[0])) if row else 0
     except ValueError:
         return 0
+
+
+def migrate(
+    execute: Callable[..., Any],
+    *,
+    fresh: bool,
+    v1_ddl: Iterable[str],
+    backend: str,
+    mark: str,
+    where: str,
+    upgrade: bool,
+) -> int | None:
+    """Create (`fresh`) or bring up a database, inside the caller's transaction.
+
+    `execute(sql[, params])` is the backend's own (it returns a cursor), `mark` its
+    parameter marker. The version an upgrade started from, or None when nothing
+    was upgraded (a new database, or one already current).
+    """
+    if fresh:
+        for statement in v1_ddl:
+            execute(statement)
+        execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        execute(f"INSERT INTO settings VALUES (1, {mark})", (json.dumps(Settings().to_dict()),))
+        found = 1
+    else:
+        found = stored_version(
+            execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        )
+    for version in steps(found, upgrade=upgrade or fresh, where=where):
+        for statement in statements(version, backend):
+            execute(statement)
+        execute(f"UPDATE meta SET value = {mark} WHERE name = 'schema_version'", (str(version),))
+    return found if not fresh and found < SCHEMA_VERSION else None
 
 
 def steps(found: int, *, upgrade: bool, where: str) -> list[int]:

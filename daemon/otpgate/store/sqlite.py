@@ -151,25 +151,15 @@ class SQLiteStore:
             has_meta = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
             ).fetchone()
-            if not has_meta:
-                for statement in _SCHEMA_V1.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-                db.execute(
-                    "INSERT INTO settings VALUES (1, ?)", (json.dumps(Settings().to_dict()),)
-                )
-                found, upgrade = 1, True  # a new database: up to date, not "upgraded"
-            else:
-                row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-                found = schema.stored_version(row)
-                self.upgraded_from = found if found < schema.SCHEMA_VERSION else None
-            for version in schema.steps(found, upgrade=upgrade, where=self.path):
-                for statement in schema.statements(version, "sqlite"):
-                    db.execute(statement)
-                db.execute(
-                    "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
-                )
+            self.upgraded_from = schema.migrate(
+                db.execute,
+                fresh=not has_meta,
+                v1_ddl=[s for s in _SCHEMA_V1.split(";") if s.strip()],
+                backend="sqlite",
+                mark="?",
+                where=self.path,
+                upgrade=upgrade,
+            )
 
     # -- settings -------------------------------------------------------------------
 
