@@ -16,7 +16,7 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.records import SecretRecord
 from otpgate.core.settings import Settings
 from otpgate.errors import ConfigError, StoreError, StoreUnavailable
-from otpgate.store.postgres import PostgresStore
+from otpgate.store.postgres import PostgresStore, _is_outage
 from tests.store.pg_harness import PASSWORD, PASSWORD_ROLE, PgServer, private_server
 
 
@@ -241,3 +241,38 @@ def test_a_refused_connection_is_not_an_outage(tmp_path: Path, password_url: str
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f"ALTER ROLE {PASSWORD_ROLE} PASSWORD '{PASSWORD}'")
         store.close()
+
+
+# What libpq printed in this project's experiments (PostgreSQL 15): a server that
+# crashed, restarts and recovers says each of the first three to a new connection.
+_OUTAGES = [
+    "server closed the connection unexpectedly",
+    "FATAL: the database system is in recovery mode",
+    "FATAL: the database system is not yet accepting connections "
+    "DETAIL: Consistent recovery state has not been yet reached.",
+    "FATAL: the database system is starting up",
+    "FATAL: the database system is shutting down",
+    "SSL SYSCALL error: EOF detected",
+    'connection to server at "127.0.0.1", port 5432 failed: Connection refused',
+]
+_REFUSALS = [
+    'FATAL: password authentication failed for user "otpgate"',
+    'FATAL: no pg_hba.conf entry for host "127.0.0.1"',
+    "server does not support SSL, but SSL was required",
+    "SSL error: certificate verify failed",
+    "FATAL: sorry, too many clients already",
+    'FATAL: database "otpgate" does not exist',
+    # One refusal among several addresses tried: the refusal wins.
+    'connection to server at "::1" failed: Connection refused '
+    'connection to server at "127.0.0.1" failed: FATAL: password authentication failed',
+]
+
+
+@pytest.mark.parametrize("text", _OUTAGES)
+def test_what_libpq_says_of_a_server_that_is_away_is_an_outage(text: str) -> None:
+    assert _is_outage(psycopg.OperationalError(f"connection failed: {text}"))
+
+
+@pytest.mark.parametrize("text", _REFUSALS)
+def test_what_libpq_says_of_a_server_that_refuses_us_is_not_an_outage(text: str) -> None:
+    assert not _is_outage(psycopg.OperationalError(f"connection failed: {text}"))

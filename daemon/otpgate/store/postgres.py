@@ -879,6 +879,10 @@ _OUTAGE_WORDS = (
     "the database system is starting up",
     "the database system is shutting down",
     "the database system is in recovery mode",
+    # After a backend crash the server restarts itself and, until recovery is
+    # consistent, refuses connections with these words and no SQLSTATE.
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
     "could not receive data",
     "could not send data",
     "consuming input failed",
