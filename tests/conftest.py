@@ -22,6 +22,8 @@ from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 from tests.store.pg_harness import PgServer, private_server
 
 REPO = Path(__file__).resolve().parent.parent
+# Central, edge and certificate fixtures (tests.fleet_harness) for every test module.
+pytest_plugins = ["tests.fleet_harness"]
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 

@@ -14,7 +14,9 @@
     ├── StoreError               the database is damaged, from a newer version, or
     │   │                        refused a change (a failure of otpgated: deny)
     │   └── StoreUnavailable     the shared database did not answer within its
-    │                            bound (gone, slow, restarting): nothing decided
+    │                            bound (gone, slow, restarting), or on an edge no
+    │                            upstream did: nothing decided
+    ├── UpstreamRefused          on an edge: the central daemon answered an error
     └── ClientError              the CLI could not talk to the daemon
 
 Messages never contain a secret, a code or a password.
@@ -76,6 +78,15 @@ class StoreUnavailable(StoreError):
     every other database failure stays a plain StoreError, so that a bug or a
     refused write is never taken for an outage (which the hook's fail mode may
     let through)."""
+
+
+class UpstreamRefused(OtpgateError):
+    """An edge's upstream answered with an error status (its gRPC name in `code`)."""
+
+    def __init__(self, code: str, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details or message
 
 
 class ClientError(OtpgateError):

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 from otpgate.core.accounts import check_username
 from otpgate.core.crypto import Sealed
-from otpgate.core.ports import PasswordChecker
+from otpgate.core.ports import PasswordChecker, SelfService
 from otpgate.core.records import PasswordResult, SecretRecord
-from otpgate.core.service import Clock, TwoFactorService, UserView, VerifyResult
+from otpgate.core.service import Clock, UserView, VerifyResult
 from otpgate.core.throttle import LineBudget, PasswordThrottle
 from otpgate.errors import InvalidArgument, NotFound, PermissionDenied, TooManyAttempts
 
@@ -120,7 +120,7 @@ def _digest(token: str) -> bytes:
 class Logins:
     def __init__(
         self,
-        service: TwoFactorService,
+        service: SelfService,
         passwords: PasswordChecker,
         *,
         clock: Clock = time.time,

@@ -9,12 +9,15 @@ contract in executable form: a backend is done when it passes it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from otpgate.core import audit
 from otpgate.core.crypto import Sealed
 from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
 from otpgate.core.settings import Settings
+
+if TYPE_CHECKING:  # core.service imports this module
+    from otpgate.core.service import UserView, Verification
 
 
 class AccountLookup(Protocol):
@@ -218,3 +221,35 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class SelfService(Protocol):
+    """What self-service (core.login, user.sock's servicer) asks of the service:
+    TwoFactorService on a host that holds the secrets, the central tier's HostGate
+    on an edge host (server.edge)."""
+
+    def lookup(self, username: str) -> Account | None: ...
+
+    def get_user(self, username: str) -> UserView: ...
+
+    def record(self, event: str, username: str, detail: str) -> None: ...
+
+    def verify(
+        self, username: str, token: str, *, via: str, malformed_counts: bool = False
+    ) -> Verification: ...
+
+    def renew_secret(
+        self,
+        username: str,
+        *,
+        otp_digits: int | None = None,
+        interval: int | None = None,
+        expected: object = ...,
+        pending: bool = False,
+    ) -> UserView: ...
+
+    def confirm_secret(self, username: str, token: str, *, expected: object = ...) -> UserView: ...
+
+    def provisioning_uri(self, username: str) -> str: ...
+
+    def make_recovery_codes(self, username: str) -> list[str]: ...

@@ -1,4 +1,5 @@
-"""TwoFactorAdmin on admin.sock: every caller here is FULL_ADMIN."""
+"""TwoFactorAdmin on admin.sock (every caller there is FULL_ADMIN) and on the
+network listener (the certificate's role bounds the methods: server.roles)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,25 @@ from otpgate.server.messages import (
     user_to_pb,
     verification_to_pb,
 )
+from otpgate.server.network import Guard
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 
 
 class AdminServicer(pb_grpc.TwoFactorAdminServicer):
-    def __init__(self, service: TwoFactorService) -> None:
+    def __init__(self, service: TwoFactorService, *, guard: Guard | None = None) -> None:
         self._service = service
+        self._guard = guard  # set on the network listener
 
     def audit_origin(self, request: object, context: grpc.ServicerContext) -> tuple[str, str]:
-        # Root or a member of the admin group: which one, gRPC does not tell.
-        return "admin", ""
+        if self._guard is None:
+            # Root or a member of the admin group: which one, gRPC does not tell.
+            return "admin", ""
+        identity = self._guard.identify(context)
+        if identity is None:
+            return "remote", "cert=?"
+        return f"remote:{identity.role}", identity.caller
 
     def _config(self) -> pb.TwoFactorConfig:
         settings = self._service.get_config()

@@ -61,6 +61,35 @@ class DaemonConfig:
     # Audit events older than this many days are removed (hourly); 0 keeps them all.
     audit_retention_days: int = 400
 
+    # -- the network listener (off unless listen is set): mutual TLS only ---------
+    # "HOST:PORT" ("[::1]:PORT" for IPv6) to serve the admin API (by role) and the
+    # edge hosts' HostGate on.
+    listen: str = ""
+    # This daemon's certificate and key (PEM): the listener's, and an edge's client
+    # certificate toward its upstreams.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # The CA that client certificates must chain to.
+    tls_client_ca: str = ""
+    # Revoked client certificates: a CRL file of that CA, and/or serials (hex).
+    tls_crl: str = ""
+    tls_deny_serials: list[str] = dataclasses.field(default_factory=list)
+    # Certificate common name -> role (admin, helpdesk, auditor, host); a name not
+    # here gets nothing. The [roles] table of otpgated.toml.
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    # -- edge mode (on when upstreams is set): no key, no database here -----------
+    # The central daemons' listeners, "HOST:PORT", tried in order.
+    upstreams: list[str] = dataclasses.field(default_factory=list)
+    # The CA the upstreams' server certificates must chain to.
+    upstream_ca: str = ""
+    # Seconds one upstream gets to answer before the next is asked.
+    upstream_timeout: float = 1.0
+
+    @property
+    def edge(self) -> bool:
+        return bool(self.upstreams)
+
     @property
     def database(self) -> str:
         return os.path.join(self.state_dir, "otpgate.sqlite3")
@@ -113,6 +142,13 @@ def parser(prog: str = "otpgated") -> argparse.ArgumentParser:
     p.add_argument("--issuer", help="default issuer shown in authenticator apps")
     p.add_argument("--admin-group", help="group allowed to use admin.sock")
     p.add_argument("--password-pam-service", help="PAM service for password checks")
+    p.add_argument("--listen", help="HOST:PORT of the mutual-TLS network listener")
+    p.add_argument(
+        "--upstream",
+        dest="upstreams",
+        action="append",
+        help="edge mode: a central otpgated's HOST:PORT (repeat for more)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument("--workers", type=int)
     return p
@@ -151,6 +187,9 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
     config = DaemonConfig()
     for name, value in values.items():
         expected = type(getattr(config, name))
+        if expected in (list, dict):
+            setattr(config, name, _collection(name, value, expected, source))
+            continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -189,9 +228,74 @@ def _build(values: dict[str, Any], *, source: str) -> DaemonConfig:
         raise ConfigError(f"{source}: audit_retention_days must be from 0 to 36500")
     if not 0.1 <= config.database_timeout <= 30.0:
         raise ConfigError(f"{source}: database_timeout must be from 0.1 to 30 seconds")
+    _check_network(config, source)
     if config.issuer:
         try:
             check_issuer("issuer", config.issuer, allow_empty=False)
         except InvalidArgument as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _collection(name: str, value: Any, expected: type, source: str) -> Any:
+    if expected is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {name} must be a list of strings")
+        return list(value)
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f'{source}: {name} must be a table of strings ([{name}] name = "...")')
+    return dict(value)
+
+
+def _check_address(source: str, name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    ok = bool(sep and host) and port.isdigit() and 0 < int(port) < 65536
+    if host.startswith("["):
+        ok = ok and host.endswith("]") and len(host) > 2
+    if not ok:
+        raise ConfigError(f"{source}: {name} {address!r} must be HOST:PORT ([::1]:PORT for IPv6)")
+
+
+def _check_network(config: DaemonConfig, source: str) -> None:
+    from otpgate.server.roles import ROLES  # the table lives with the listener
+
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_crl", "upstream_ca"):
+        path = getattr(config, name)
+        if path and not os.path.isabs(path):
+            raise ConfigError(f"{source}: {name} must be an absolute path")
+    for serial in config.tls_deny_serials:
+        cleaned = serial.replace(":", "")
+        if not cleaned or any(c not in "0123456789abcdefABCDEF" for c in cleaned):
+            raise ConfigError(f"{source}: tls_deny_serials: {serial!r} is not a hex serial")
+    config.tls_deny_serials = [s.replace(":", "").lower() for s in config.tls_deny_serials]
+    for cert_name, role in config.roles.items():
+        if role not in ROLES:
+            raise ConfigError(
+                f"{source}: roles: {cert_name!r} = {role!r}: the role must be one of "
+                f"{', '.join(ROLES)}"
+            )
+        if not cert_name:
+            raise ConfigError(f"{source}: roles: a certificate name must not be empty")
+    if config.listen:
+        _check_address(source, "listen", config.listen)
+        missing = [n for n in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(config, n)]
+        if missing:
+            raise ConfigError(
+                f"{source}: listen needs {', '.join(missing)} (no plaintext TCP, ever)"
+            )
+    if not 0.1 <= config.upstream_timeout <= 10.0:
+        raise ConfigError(f"{source}: upstream_timeout must be from 0.1 to 10 seconds")
+    if config.upstreams:
+        for address in config.upstreams:
+            _check_address(source, "upstreams:", address)
+        missing = [n for n in ("tls_cert", "tls_key", "upstream_ca") if not getattr(config, n)]
+        if missing:
+            raise ConfigError(f"{source}: edge mode (upstreams) needs {', '.join(missing)}")
+        if config.listen:
+            raise ConfigError(
+                f"{source}: an edge (upstreams) serves no listener: set listen or upstreams"
+            )
+        if config.database_url:
+            raise ConfigError(
+                f"{source}: an edge (upstreams) holds no database: remove database_url"
+            )

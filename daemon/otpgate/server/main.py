@@ -12,6 +12,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from concurrent import futures
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core reads it once, at import
@@ -31,9 +32,12 @@ from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
 from otpgate.server import logs, maintenance, sdnotify
 from otpgate.server.admin import AdminServicer
+from otpgate.server.edge import EdgePamServicer, Upstreams, UpstreamSelfService
 from otpgate.server.handlers import method_table
+from otpgate.server.host_gate import HostGateServicer
 from otpgate.server.keys import check_key_location, load_keyring
 from otpgate.server.monitor import DatabaseMonitor, set_health
+from otpgate.server.network import NetworkListener, TlsSettings, load_tls
 from otpgate.server.pam import PamServicer
 from otpgate.server.relay import Budgets, CallerRegistry, UserSocketRelay
 from otpgate.server.user import UserServicer
@@ -219,10 +223,174 @@ def _admin_gid(name: str) -> int:
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
 
 
-def run(config: daemon_config.DaemonConfig) -> int:
+class _Signals:
+    """What the main thread waits for: a stop, or a reload (SIGHUP)."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.stopping = False
+        self.reload = False
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
+
+    def _stop(self, *_: object) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    def _reload(self, *_: object) -> None:
+        self.reload = True
+        self.wake.set()
+
+    def wait(self, seconds: float) -> None:
+        self.wake.wait(seconds)
+        self.wake.clear()
+
+
+def _tls_settings(config: daemon_config.DaemonConfig) -> TlsSettings:
+    return load_tls(
+        cert=config.tls_cert,
+        key=config.tls_key,
+        client_ca=config.tls_client_ca,
+        crl=config.tls_crl,
+        deny_serials=config.tls_deny_serials,
+        role_of=config.roles,
+    )
+
+
+def _reload_listener(listener: NetworkListener, argv: list[str]) -> None:
+    # The configuration file again, for [roles], the deny list and the file names;
+    # whatever else changed waits for a restart. A broken file changes nothing.
+    try:
+        config = daemon_config.load(argv)
+        listener.reload(_tls_settings(config))
+    except OtpgateError as exc:
+        log.error(
+            "reload_failed error=%s: %s (the previous certificates stay)", type(exc).__name__, exc
+        )
+
+
+def _start_listener(
+    config: daemon_config.DaemonConfig,
+    service: TwoFactorService,
+    passwords: PamPasswordChecker,
+) -> NetworkListener:
+    listener = NetworkListener(
+        config.listen, _tls_settings(config), workers=config.workers, options=_SERVER_OPTIONS
+    )
+    listener.add(_service("TwoFactorAdmin"), AdminServicer(service, guard=listener.guard))
+    listener.add(_service("HostGate"), HostGateServicer(service, passwords, listener.guard))
+    listener.start()
+    return listener
+
+
+def _start_relay(
+    config: daemon_config.DaemonConfig, user: UserServer, callers: CallerRegistry, budgets: Budgets
+) -> UserSocketRelay:
+    relay = UserSocketRelay(config.socket("user"), user.path, callers, budgets)
+    _remove_stale_socket(relay.public_path)
+    relay.bind()
+    os.chmod(relay.public_path, 0o666)  # noqa: S103 - any local user: see server.relay
+    relay.start()
+    log.info(
+        "listening socket=%s mode=0666 relay_to=%s max_connections=%d per_uid=%d",
+        relay.public_path,
+        user.path,
+        budgets.max_connections,
+        budgets.max_per_uid,
+    )
+    return relay
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1024 * 1024)
+    except OSError as exc:
+        raise OtpgateError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def run_edge(config: daemon_config.DaemonConfig) -> int:
+    """Edge mode (server.edge): pam.sock and user.sock, answered by the upstreams.
+
+    No key, no database, no admin.sock: this host holds nothing worth stealing, and
+    administrators reach the central tier (otpgate --server).
+    """
+    os.umask(0o077)
+    _prepare_dir(config.runtime_dir, 0o755)
+    private_dir = os.path.join(config.runtime_dir, "private")
+    _prepare_dir(private_dir, 0o700)
+    budgets = _user_budgets(config)
+    upstreams = Upstreams(
+        config.upstreams,
+        ca_pem=_read_pem(config.upstream_ca, "upstream_ca"),
+        cert_pem=_read_pem(config.tls_cert, "tls_cert"),
+        key_pem=_read_pem(config.tls_key, "tls_key"),
+        timeout=config.upstream_timeout,
+    )
+    relay: UserSocketRelay | None = None
+    try:
+        passwords = PamPasswordChecker(config.password_pam_service)
+        callers = CallerRegistry()
+        user = UserServer(
+            os.path.join(private_dir, "user.sock"),
+            workers=config.workers,
+            calls_per_uid=config.user_calls_per_uid,
+            callers=callers,
+            options=_SERVER_OPTIONS,
+        )
+        _remove_stale_socket(user.path)
+        remote = UpstreamSelfService(upstreams)
+        user.add(
+            _service("UserSelfService"), UserServicer(remote, Logins(remote, passwords), callers)
+        )
+        pam = Socket(config.socket("pam"), config.workers, 0o600, None)
+        pam.add(_service("PamGate"), EdgePamServicer(upstreams, passwords))
+        signals = _Signals()
+        user.start()
+        relay = _start_relay(config, user, callers, budgets)
+        pam.start(reflect=False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        log.info(
+            "started version=%s mode=edge upstreams=%s", __version__, ",".join(config.upstreams)
+        )
+        sdnotify.notify("READY=1")
+        interval = sdnotify.watchdog_interval()
+        watchdog = (
+            sdnotify.Watchdog(interval, lambda: relay.alive() and user.alive())
+            if interval
+            else None
+        )
+        if watchdog:
+            watchdog.start()
+        while not signals.stopping:
+            if signals.reload:
+                signals.reload = False
+                log.info("reload: an edge takes new certificates at a restart")
+            signals.wait(3600)
+        sdnotify.notify("STOPPING=1")
+        if watchdog:
+            watchdog.stop()
+        relay.stop_accepting()
+        for event in [s.stop(config.shutdown_grace) for s in (user, pam)]:
+            event.wait()
+        log.info("stopped")
+        return 0
+    finally:
+        if relay is not None:
+            relay.stop()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(private_dir, "user.sock"))
+        upstreams.close()
+
+
+def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; main() has blocked those before any thread started."""
+    if config.edge:
+        return run_edge(config)
     os.umask(0o077)
     check_key_location(config)
     _prepare_dir(config.state_dir, 0o700)
@@ -235,6 +403,7 @@ def run(config: daemon_config.DaemonConfig) -> int:
     budgets = _user_budgets(config)
     store = open_daemon_store(config)
     relay: UserSocketRelay | None = None
+    listener: NetworkListener | None = None
     try:
         keyring = load_keyring(config, store)
         service = TwoFactorService(
@@ -263,25 +432,14 @@ def run(config: daemon_config.DaemonConfig) -> int:
         pam = Socket(config.socket("pam"), config.workers, 0o600, None)
         pam.add(_service("PamGate"), PamServicer(service, passwords))
 
-        stopping = threading.Event()
-        for signum in _STOP_SIGNALS:
-            signal.signal(signum, lambda *_: stopping.set())
+        signals = _Signals()
         admin.start(reflect=True)
         user.start()
-        relay = UserSocketRelay(config.socket("user"), user.path, callers, budgets)
-        _remove_stale_socket(relay.public_path)
-        relay.bind()
-        os.chmod(relay.public_path, 0o666)  # noqa: S103 - any local user: see server.relay
-        relay.start()
-        log.info(
-            "listening socket=%s mode=0666 relay_to=%s max_connections=%d per_uid=%d",
-            relay.public_path,
-            user.path,
-            budgets.max_connections,
-            budgets.max_per_uid,
-        )
+        relay = _start_relay(config, user, callers, budgets)
         pam.start(reflect=False)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if config.listen:
+            listener = _start_listener(config, service, passwords)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info(
             "started version=%s database=%s key_id=%s",
             __version__,
@@ -292,6 +450,8 @@ def run(config: daemon_config.DaemonConfig) -> int:
         def tell_health(serving: bool) -> None:
             for server in (admin, user, pam):
                 server.set_serving(serving)
+            if listener is not None:
+                listener.set_serving(serving)
 
         monitor = DatabaseMonitor(store, tell_health)
         monitor.start()
@@ -309,10 +469,18 @@ def run(config: daemon_config.DaemonConfig) -> int:
         watchdog = sdnotify.Watchdog(interval, healthy) if interval else None
         if watchdog:
             watchdog.start()
-        while True:
-            _purge_audit(service, config.audit_retention_days)
-            if stopping.wait(3600):
-                break
+        next_purge = 0.0
+        while not signals.stopping:
+            if signals.reload:
+                signals.reload = False
+                if listener is not None:
+                    _reload_listener(listener, argv or [])
+                else:
+                    log.info("reload: nothing to reload (no listener)")
+            if time.monotonic() >= next_purge:
+                _purge_audit(service, config.audit_retention_days)
+                next_purge = time.monotonic() + 3600
+            signals.wait(max(0.0, next_purge - time.monotonic()))
         sdnotify.notify("STOPPING=1")
         if watchdog:
             watchdog.stop()
@@ -320,6 +488,8 @@ def run(config: daemon_config.DaemonConfig) -> int:
         log.info("stopping: draining in-flight calls for up to %.0fs", config.shutdown_grace)
         relay.stop_accepting()
         done = [s.stop(config.shutdown_grace) for s in (admin, user, pam)]
+        if listener is not None:
+            done.append(listener.stop(config.shutdown_grace))
         for event in done:
             event.wait()
         log.info("stopped")
@@ -338,7 +508,7 @@ def _start_logging() -> None:
     # signals, so they reach only the main thread, never a worker waiting inside PAM
     # (pam_exec's child, a password check) where an interrupted system call would
     # fail a login; run() unblocks them here once its handler is in place.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     logs.configure()
 
 
@@ -350,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = daemon_config.load(args)
         logging.getLogger().setLevel(config.log_level.upper())
-        return run(config)
+        return run(config, args)
     except OtpgateError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 1

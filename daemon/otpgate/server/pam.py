@@ -32,7 +32,7 @@ _VERDICT_TO_PB = {
 _MAX_SERVICE = 64
 
 
-def _decision(decision: Decision) -> pb.PamDecision:
+def pam_decision(decision: Decision) -> pb.PamDecision:
     return pb.PamDecision(
         verdict=_VERDICT_TO_PB[decision.verdict],
         message=decision.message,
@@ -40,16 +40,21 @@ def _decision(decision: Decision) -> pb.PamDecision:
     )
 
 
-def _decide(ask: Callable[[], Decision]) -> pb.PamDecision:
+def decide(ask: Callable[[], Decision]) -> pb.PamDecision:
     try:
-        return _decision(ask())
+        return pam_decision(ask())
     except StoreUnavailable:
         # The reason is in the daemon's health log (database_unreachable), once.
         return pb.PamDecision(verdict=pb.VERDICT_UNAVAILABLE)
 
 
-def _bad_service(name: str) -> bool:
+def bad_service(name: str) -> bool:
     return not (0 < len(name) <= _MAX_SERVICE and name.isascii() and name.isprintable())
+
+
+def safe_rhost(rhost: str) -> str:
+    """PAM_RHOST as the audit trail may show it (the client chose it)."""
+    return rhost[:64] if rhost.isascii() and rhost.isprintable() else "?"
 
 
 class PamServicer(pb_grpc.PamGateServicer):
@@ -59,33 +64,29 @@ class PamServicer(pb_grpc.PamGateServicer):
     def audit_origin(
         self, request: pb.PamRequest, context: grpc.ServicerContext
     ) -> tuple[str, str]:
-        service = request.service if not _bad_service(request.service) else "?"
-        rhost = (
-            request.rhost[:64] if request.rhost.isascii() and request.rhost.isprintable() else "?"
-        )
+        service = request.service if not bad_service(request.service) else "?"
+        rhost = safe_rhost(request.rhost)
         return f"pam:{service}", f"rhost={rhost}" if rhost else ""
 
     @rpc
     def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
-        if _bad_service(request.service):
-            return _decision(Decision(Verdict.DENY))
-        return _decide(lambda: self._gate.check(request.username, request.service))
+        if bad_service(request.service):
+            return pam_decision(Decision(Verdict.DENY))
+        return decide(lambda: self._gate.check(request.username, request.service))
 
     @rpc
     def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
-        if _bad_service(request.service):
-            return _decision(Decision(Verdict.DENY))
-        return _decide(
-            lambda: self._gate.verify(request.username, request.service, request.authtok)
-        )
+        if bad_service(request.service):
+            return pam_decision(Decision(Verdict.DENY))
+        return decide(lambda: self._gate.verify(request.username, request.service, request.authtok))
 
     @rpc
     def VerifySinglePrompt(
         self, request: pb.PamRequest, context: grpc.ServicerContext
     ) -> pb.PamDecision:
-        if _bad_service(request.service):
-            return _decision(Decision(Verdict.DENY))
-        return _decide(
+        if bad_service(request.service):
+            return pam_decision(Decision(Verdict.DENY))
+        return decide(
             lambda: self._gate.verify_single_prompt(
                 request.username, request.service, request.authtok
             )

@@ -71,6 +71,9 @@ def rpc(handler: Handler) -> Handler:
             # Every audit row this call writes says where it came from (core.audit).
             with audit.from_origin(*origin(request, context)):
                 return handler(self, request, context)
+        except errors.UpstreamRefused as exc:
+            # An edge passes its upstream's answer on as it came.
+            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), exc.details)
         except errors.OtpgateError as exc:
             for kind, code in _STATUS:
                 if isinstance(exc, kind):

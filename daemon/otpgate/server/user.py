@@ -15,7 +15,8 @@ import time
 import grpc
 
 from otpgate.core.login import Level, LoginOutcome, Logins, Response, Session
-from otpgate.core.service import TwoFactorService, UserView
+from otpgate.core.ports import SelfService
+from otpgate.core.service import UserView
 from otpgate.core.throttle import Spacing
 from otpgate.errors import (
     InvalidArgument,
@@ -87,7 +88,7 @@ def _response(outcome: LoginOutcome, user_info: bool) -> pb.LoginExResponse:
 
 
 class UserServicer(pb_grpc.UserSelfServiceServicer):
-    def __init__(self, service: TwoFactorService, logins: Logins, callers: CallerRegistry) -> None:
+    def __init__(self, service: SelfService, logins: Logins, callers: CallerRegistry) -> None:
         self._service = service
         self._logins = logins
         self._callers = callers

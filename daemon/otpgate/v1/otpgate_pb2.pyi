@@ -1177,20 +1177,26 @@ class PamDecision(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    OTP_DIGITS_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     message: _builtins.str
     """Text for the user (never secret); may be empty."""
     retry_after_seconds: _builtins.int
+    otp_digits: _builtins.int
+    """HostGate.Check only, with VERDICT_OTP_REQUIRED: digits of the account's
+    codes, so that an edge can split a single-prompt password+code string.
+    """
     def __init__(
         self,
         *,
         verdict: Global___Verdict.ValueType = ...,
         message: _builtins.str = ...,
         retry_after_seconds: _builtins.int = ...,
+        otp_digits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "retry_after_seconds", b"retry_after_seconds", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "otp_digits", b"otp_digits", "retry_after_seconds", b"retry_after_seconds", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1403,3 +1409,102 @@ class LogoutResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogoutResponse: _TypeAlias = LogoutResponse  # noqa: Y015
+
+@_typing.final
+class ProveCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    token: _builtins.str
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProveCodeRequest: _TypeAlias = ProveCodeRequest  # noqa: Y015
+
+@_typing.final
+class ProveCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERIFICATION_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    GRANT_EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    grant: _builtins.str
+    """Set when the code was right: valid for grant_expires_in seconds, for this
+    account, from this host certificate, on the central daemon that gave it.
+    """
+    grant_expires_in: _builtins.int
+    @_builtins.property
+    def verification(self) -> Global___VerifyTokenResponse: ...
+    def __init__(
+        self,
+        *,
+        verification: Global___VerifyTokenResponse | None = ...,
+        grant: _builtins.str = ...,
+        grant_expires_in: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["verification", b"verification"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "grant_expires_in", b"grant_expires_in", "verification", b"verification"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProveCodeResponse: _TypeAlias = ProveCodeResponse  # noqa: Y015
+
+@_typing.final
+class HostRenewSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    TWOFACTOR_OPTIONS_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    grant: _builtins.str
+    @_builtins.property
+    def twofactor_options(self) -> Global___TwoFactorOptions: ...
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        grant: _builtins.str = ...,
+        twofactor_options: Global___TwoFactorOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["twofactor_options", b"twofactor_options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "twofactor_options", b"twofactor_options", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostRenewSecretRequest: _TypeAlias = HostRenewSecretRequest  # noqa: Y015
+
+@_typing.final
+class HostGrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    grant: _builtins.str
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        grant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostGrantRequest: _TypeAlias = HostGrantRequest  # noqa: Y015

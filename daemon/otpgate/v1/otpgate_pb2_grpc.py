@@ -1250,3 +1250,367 @@ class UserSelfService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HostGateStub:
+    """---------------------------------------------------------------------------
+    On the network listener, for certificates of the `host` role only: what an
+    edge otpgated (an SSH host that holds no key and no database) asks the
+    central tier. The edge checks passwords itself (they are its accounts');
+    everything about codes is decided here. Root on an edge host is assumed
+    hostile: it may learn whether a code is right (bounded by the lockout), but
+    nothing here returns a secret that is in use, and every call that makes a
+    way in (a new secret, recovery codes) needs a grant, which only a right code
+    of the account's current secret, checked here, gives (ProveCode).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Check = channel.unary_unary(
+                '/otpgate.v1.HostGate/Check',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.PamRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.PamDecision.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/otpgate.v1.HostGate/Verify',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.PamRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.PamDecision.FromString,
+                _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/otpgate.v1.HostGate/GetUser',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
+        self.ProveCode = channel.unary_unary(
+                '/otpgate.v1.HostGate/ProveCode',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ProveCodeRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ProveCodeResponse.FromString,
+                _registered_method=True)
+        self.RenewSecret = channel.unary_unary(
+                '/otpgate.v1.HostGate/RenewSecret',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.HostRenewSecretRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
+        self.ConfirmSecret = channel.unary_unary(
+                '/otpgate.v1.HostGate/ConfirmSecret',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+                _registered_method=True)
+        self.MakeRecoveryCodes = channel.unary_unary(
+                '/otpgate.v1.HostGate/MakeRecoveryCodes',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.HostGrantRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+                _registered_method=True)
+
+
+class HostGateServicer:
+    """---------------------------------------------------------------------------
+    On the network listener, for certificates of the `host` role only: what an
+    edge otpgated (an SSH host that holds no key and no database) asks the
+    central tier. The edge checks passwords itself (they are its accounts');
+    everything about codes is decided here. Root on an edge host is assumed
+    hostile: it may learn whether a code is right (bounded by the lockout), but
+    nothing here returns a secret that is in use, and every call that makes a
+    way in (a new secret, recovery codes) needs a grant, which only a right code
+    of the account's current secret, checked here, gives (ProveCode).
+    """
+
+    def Check(self, request, context):
+        """As PamGate.Check / PamGate.Verify; `service` is the edge's PAM service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """Self-service through an edge (the account's own shell there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProveCode(self, request, context):
+        """Check a code (it is spent, a wrong one counts toward the lockout); a right
+        one comes with a grant for this account and this host certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewSecret(self, request, context):
+        """A pending secret (never an immediate replacement), given a grant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmSecret(self, request, context):
+        """Confirm the pending secret with a code from it (as TwoFactorAdmin's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MakeRecoveryCodes(self, request, context):
+        """A new set of recovery codes, given a grant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HostGateServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.PamRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.PamDecision.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.PamRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.PamDecision.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'ProveCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProveCode,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ProveCodeRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ProveCodeResponse.SerializeToString,
+            ),
+            'RenewSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewSecret,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.HostRenewSecretRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'ConfirmSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmSecret,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.UserEntry.SerializeToString,
+            ),
+            'MakeRecoveryCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeRecoveryCodes,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.HostGrantRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'otpgate.v1.HostGate', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('otpgate.v1.HostGate', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HostGate:
+    """---------------------------------------------------------------------------
+    On the network listener, for certificates of the `host` role only: what an
+    edge otpgated (an SSH host that holds no key and no database) asks the
+    central tier. The edge checks passwords itself (they are its accounts');
+    everything about codes is decided here. Root on an edge host is assumed
+    hostile: it may learn whether a code is right (bounded by the lockout), but
+    nothing here returns a secret that is in use, and every call that makes a
+    way in (a new secret, recovery codes) needs a grant, which only a right code
+    of the account's current secret, checked here, gives (ProveCode).
+    """
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/Check',
+            otpgate_dot_v1_dot_otpgate__pb2.PamRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.PamDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/Verify',
+            otpgate_dot_v1_dot_otpgate__pb2.PamRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.PamDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/GetUser',
+            otpgate_dot_v1_dot_otpgate__pb2.GetUserRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProveCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/ProveCode',
+            otpgate_dot_v1_dot_otpgate__pb2.ProveCodeRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.ProveCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/RenewSecret',
+            otpgate_dot_v1_dot_otpgate__pb2.HostRenewSecretRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/ConfirmSecret',
+            otpgate_dot_v1_dot_otpgate__pb2.ConfirmSecretRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.UserEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeRecoveryCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/MakeRecoveryCodes',
+            otpgate_dot_v1_dot_otpgate__pb2.HostGrantRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -378,3 +378,136 @@ class UserSelfServiceServicer(metaclass=_abc_1.ABCMeta):
         """The session's own pending secret; at most one try a second."""
 
 def add_UserSelfServiceServicer_to_server(servicer: UserSelfServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class HostGateStub:
+    """---------------------------------------------------------------------------
+    On the network listener, for certificates of the `host` role only: what an
+    edge otpgated (an SSH host that holds no key and no database) asks the
+    central tier. The edge checks passwords itself (they are its accounts');
+    everything about codes is decided here. Root on an edge host is assumed
+    hostile: it may learn whether a code is right (bounded by the lockout), but
+    nothing here returns a secret that is in use, and every call that makes a
+    way in (a new secret, recovery codes) needs a grant, which only a right code
+    of the account's current secret, checked here, gives (ProveCode).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> HostGateAsyncStub: ...
+    Check: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.PamRequest, _otpgate_pb2.PamDecision]
+    """As PamGate.Check / PamGate.Verify; `service` is the edge's PAM service."""
+    Verify: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.PamRequest, _otpgate_pb2.PamDecision]
+    GetUser: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]
+    """Self-service through an edge (the account's own shell there)."""
+    ProveCode: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ProveCodeRequest, _otpgate_pb2.ProveCodeResponse]
+    """Check a code (it is spent, a wrong one counts toward the lockout); a right
+    one comes with a grant for this account and this host certificate.
+    """
+    RenewSecret: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.HostRenewSecretRequest, _otpgate_pb2.UserEntry]
+    """A pending secret (never an immediate replacement), given a grant."""
+    ConfirmSecret: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ConfirmSecretRequest, _otpgate_pb2.UserEntry]
+    """Confirm the pending secret with a code from it (as TwoFactorAdmin's)."""
+    MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.HostGrantRequest, _otpgate_pb2.RecoveryCodes]
+    """A new set of recovery codes, given a grant."""
+
+@_typing.type_check_only
+class HostGateAsyncStub(HostGateStub):
+    """---------------------------------------------------------------------------
+    On the network listener, for certificates of the `host` role only: what an
+    edge otpgated (an SSH host that holds no key and no database) asks the
+    central tier. The edge checks passwords itself (they are its accounts');
+    everything about codes is decided here. Root on an edge host is assumed
+    hostile: it may learn whether a code is right (bounded by the lockout), but
+    nothing here returns a secret that is in use, and every call that makes a
+    way in (a new secret, recovery codes) needs a grant, which only a right code
+    of the account's current secret, checked here, gives (ProveCode).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Check: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.PamRequest, _otpgate_pb2.PamDecision]  # type: ignore[assignment]
+    """As PamGate.Check / PamGate.Verify; `service` is the edge's PAM service."""
+    Verify: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.PamRequest, _otpgate_pb2.PamDecision]  # type: ignore[assignment]
+    GetUser: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.GetUserRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """Self-service through an edge (the account's own shell there)."""
+    ProveCode: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ProveCodeRequest, _otpgate_pb2.ProveCodeResponse]  # type: ignore[assignment]
+    """Check a code (it is spent, a wrong one counts toward the lockout); a right
+    one comes with a grant for this account and this host certificate.
+    """
+    RenewSecret: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.HostRenewSecretRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """A pending secret (never an immediate replacement), given a grant."""
+    ConfirmSecret: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ConfirmSecretRequest, _otpgate_pb2.UserEntry]  # type: ignore[assignment]
+    """Confirm the pending secret with a code from it (as TwoFactorAdmin's)."""
+    MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.HostGrantRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
+    """A new set of recovery codes, given a grant."""
+
+class HostGateServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------------------
+    On the network listener, for certificates of the `host` role only: what an
+    edge otpgated (an SSH host that holds no key and no database) asks the
+    central tier. The edge checks passwords itself (they are its accounts');
+    everything about codes is decided here. Root on an edge host is assumed
+    hostile: it may learn whether a code is right (bounded by the lockout), but
+    nothing here returns a secret that is in use, and every call that makes a
+    way in (a new secret, recovery codes) needs a grant, which only a right code
+    of the account's current secret, checked here, gives (ProveCode).
+    """
+
+    @_abc_1.abstractmethod
+    def Check(
+        self,
+        request: _otpgate_pb2.PamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.PamDecision, _abc.Awaitable[_otpgate_pb2.PamDecision]]:
+        """As PamGate.Check / PamGate.Verify; `service` is the edge's PAM service."""
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _otpgate_pb2.PamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.PamDecision, _abc.Awaitable[_otpgate_pb2.PamDecision]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUser(
+        self,
+        request: _otpgate_pb2.GetUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """Self-service through an edge (the account's own shell there)."""
+
+    @_abc_1.abstractmethod
+    def ProveCode(
+        self,
+        request: _otpgate_pb2.ProveCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.ProveCodeResponse, _abc.Awaitable[_otpgate_pb2.ProveCodeResponse]]:
+        """Check a code (it is spent, a wrong one counts toward the lockout); a right
+        one comes with a grant for this account and this host certificate.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewSecret(
+        self,
+        request: _otpgate_pb2.HostRenewSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """A pending secret (never an immediate replacement), given a grant."""
+
+    @_abc_1.abstractmethod
+    def ConfirmSecret(
+        self,
+        request: _otpgate_pb2.ConfirmSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.UserEntry, _abc.Awaitable[_otpgate_pb2.UserEntry]]:
+        """Confirm the pending secret with a code from it (as TwoFactorAdmin's)."""
+
+    @_abc_1.abstractmethod
+    def MakeRecoveryCodes(
+        self,
+        request: _otpgate_pb2.HostGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.RecoveryCodes, _abc.Awaitable[_otpgate_pb2.RecoveryCodes]]:
+        """A new set of recovery codes, given a grant."""
+
+def add_HostGateServicer_to_server(servicer: HostGateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

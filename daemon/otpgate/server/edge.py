@@ -1,0 +1,373 @@
+"""Edge mode: otpgated on an SSH host that holds no key and no database.
+
+The local hook and users talk to pam.sock and user.sock as on a single host; each
+question about a code is forwarded to the central tier (HostGate, over mutual TLS
+with this host's `host` certificate). Passwords are this host's and are checked
+here. Upstreams are tried in order, starting with the last one that answered, each
+within `upstream_timeout`; when none answers in time the hook gets
+VERDICT_UNAVAILABLE and its fail mode decides, as for an unreachable daemon. An
+upstream that answers with an error is a failure, never "unavailable".
+
+Root on this host is not trusted by the central tier (server.host_gate): it can
+ask whether a code is right, and can make a pending secret or recovery codes for
+an account only with a grant from a code typed here a moment before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from otpgate.core.accounts import lookup_account
+from otpgate.core.crypto import Sealed
+from otpgate.core.ports import PasswordChecker
+from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
+from otpgate.core.service import UserView, Verification, VerifyResult
+from otpgate.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+    StoreUnavailable,
+    TooManyAttempts,
+    Unauthenticated,
+    UpstreamRefused,
+)
+from otpgate.server.messages import RESULT_TO_PB
+from otpgate.server.pam import bad_service
+from otpgate.server.rpc import rpc
+from otpgate.v1 import otpgate_pb2 as pb
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+log = logging.getLogger("otpgated")
+
+Reply = TypeVar("Reply", bound=Message)
+
+# The hook gives the daemon 3 s (timeout=); every upstream together gets less.
+TOTAL_BUDGET_SECONDS = 2.5
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    # After a failure gRPC waits before connecting again (up to 120 s by default):
+    # a central that is back must serve the next login, not one two minutes later.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+# Statuses that mean "this upstream did not decide": try the next one.
+_AWAY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RESULT_FROM_PB = {v: k for k, v in RESULT_TO_PB.items()}
+
+
+class Upstreams:
+    """The central daemons, tried in turn; the last one that answered goes first."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        *,
+        ca_pem: bytes,
+        cert_pem: bytes,
+        key_pem: bytes,
+        timeout: float,
+        budget: float = TOTAL_BUDGET_SECONDS,
+        server_name: str = "",
+    ) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+        )
+        options: list[tuple[str, Any]] = list(_CHANNEL_OPTIONS)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.addresses = addresses
+        self._channels = [grpc.secure_channel(a, credentials, options=options) for a in addresses]
+        self._stubs = [pb_grpc.HostGateStub(c) for c in self._channels]
+        self._timeout = timeout
+        self._budget = budget
+        self._first = 0
+        self._lock = threading.Lock()
+
+    def call(self, method: str, request: Message, *, retry_unavailable: bool = False) -> Any:
+        """The first answer of an upstream; StoreUnavailable when none came in time,
+        UpstreamRefused when one answered with an error.
+
+        With `retry_unavailable`, an upstream's VERDICT_UNAVAILABLE (its database did
+        not answer) sends the question on to the next one, too.
+        """
+        deadline = time.monotonic() + self._budget
+        with self._lock:
+            first = self._first
+        order = [(first + i) % len(self._stubs) for i in range(len(self._stubs))]
+        away: list[str] = []
+        last_unavailable: Any = None
+        for index in order:
+            left = deadline - time.monotonic()
+            if left <= 0.05:
+                break
+            address = self.addresses[index]
+            try:
+                reply = getattr(self._stubs[index], method)(
+                    request, timeout=min(self._timeout, left)
+                )
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in _AWAY:
+                    away.append(f"{address}: {code.name}")
+                    continue
+                details = exc.details() or code.name
+                raise UpstreamRefused(
+                    code.name, f"upstream {address} refused {method}: {details}", details
+                ) from None
+            if retry_unavailable and getattr(reply, "verdict", None) == pb.VERDICT_UNAVAILABLE:
+                away.append(f"{address}: its database did not answer")
+                last_unavailable = reply
+                continue
+            if index != first:
+                with self._lock:
+                    self._first = index
+                log.warning("upstream_switched to=%s after=%s", address, "; ".join(away))
+            return reply
+        if last_unavailable is not None:
+            return last_unavailable
+        raise StoreUnavailable(
+            "no upstream answered in time: " + ("; ".join(away) or "out of time")
+        )
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+
+class EdgePamServicer(pb_grpc.PamGateServicer):
+    """PamGate on an edge's pam.sock: codes checked upstream, passwords here."""
+
+    def __init__(self, upstreams: Upstreams, passwords: PasswordChecker) -> None:
+        self._upstreams = upstreams
+        self._passwords = passwords
+
+    def _ask(self, method: str, request: pb.PamRequest) -> pb.PamDecision:
+        forwarded = pb.PamRequest(
+            username=request.username,
+            service=request.service,
+            rhost=request.rhost,
+            authtok=request.authtok,
+        )
+        try:
+            reply: pb.PamDecision = self._upstreams.call(method, forwarded, retry_unavailable=True)
+        except StoreUnavailable as exc:
+            log.warning("upstream_unavailable method=%s: %s", method, exc)
+            return pb.PamDecision(verdict=pb.VERDICT_UNAVAILABLE)
+        return pb.PamDecision(
+            verdict=reply.verdict,
+            message=reply.message,
+            retry_after_seconds=reply.retry_after_seconds,
+        )
+
+    @rpc
+    def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
+        if bad_service(request.service):
+            return pb.PamDecision(verdict=pb.VERDICT_DENY)
+        return self._ask("Check", request)
+
+    @rpc
+    def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
+        if bad_service(request.service):
+            return pb.PamDecision(verdict=pb.VERDICT_DENY)
+        return self._ask("Verify", request)
+
+    @rpc
+    def VerifySinglePrompt(
+        self, request: pb.PamRequest, context: grpc.ServicerContext
+    ) -> pb.PamDecision:
+        # As core.gate's: the same answer whichever half was wrong, and no code
+        # spent (nothing sent upstream) after a wrong password.
+        wrong = pb.PamDecision(verdict=pb.VERDICT_DENY, message="Wrong password or code.")
+        if bad_service(request.service):
+            return pb.PamDecision(verdict=pb.VERDICT_DENY)
+        try:
+            check: pb.PamDecision = self._upstreams.call(
+                "Check", pb.PamRequest(username=request.username, service=request.service)
+            )
+        except StoreUnavailable as exc:
+            log.warning("upstream_unavailable method=Check: %s", exc)
+            return pb.PamDecision(verdict=pb.VERDICT_UNAVAILABLE)
+        authtok = request.authtok
+        if check.verdict == pb.VERDICT_NOT_REQUIRED:
+            return (
+                pb.PamDecision(verdict=pb.VERDICT_ALLOW)
+                if self._right(request.username, authtok)
+                else wrong
+            )
+        if check.verdict in (pb.VERDICT_NOT_ENROLLED, pb.VERDICT_LOCKED):
+            return check if self._right(request.username, authtok) else wrong
+        if check.verdict != pb.VERDICT_OTP_REQUIRED:
+            return check
+        digits = check.otp_digits if 6 <= check.otp_digits <= 8 else 6
+        password, code = authtok[:-digits], authtok[-digits:]
+        if not self._right(request.username, password):
+            return wrong
+        decision = self._ask("Verify", pb.PamRequest(
+            username=request.username, service=request.service, rhost=request.rhost, authtok=code
+        ))  # fmt: skip
+        if decision.verdict == pb.VERDICT_DENY:
+            return wrong
+        return decision
+
+    def _right(self, username: str, password: str) -> bool:
+        return self._passwords(username, password) is PasswordResult.OK
+
+
+# -- self-service through the central tier ------------------------------------------
+
+# An edge knows no sealed secret; the views it builds carry this stand-in, which
+# only says "enrolled" to the session logic (core.login).
+_NO_SEALED = Sealed("upstream", b"", b"")
+
+
+def user_from_pb(entry: pb.UserEntry) -> UserView:
+    account = AccountDetails(
+        username=entry.username,
+        uid=entry.uid,
+        gid=entry.gid,
+        full_name=entry.full_name,
+        home=entry.home,
+        shell=entry.shell,
+        groups=tuple(entry.groups),
+        local=entry.local,
+    )
+    record = None
+    if entry.twofactor_auth_configured:
+        record = SecretRecord(
+            entry.username,
+            entry.uid,
+            _NO_SEALED,
+            entry.twofactor_config.otp_digits,
+            entry.twofactor_config.interval,
+            0,
+            failures=entry.failed_attempts,
+        )
+    uri = entry.twofactor_config.provisioning_uri
+    return UserView(
+        account=account,
+        record=record,
+        locked_seconds=entry.locked_seconds,
+        provisioning_uri=uri or None,
+        recovery_codes_left=entry.recovery_codes_left,
+        pending_expires_in=entry.pending_expires_in,
+    )
+
+
+_REFUSALS: dict[str, Callable[[str], Exception]] = {
+    "NOT_FOUND": NotFound,
+    "FAILED_PRECONDITION": FailedPrecondition,
+    "PERMISSION_DENIED": PermissionDenied,
+    "UNAUTHENTICATED": Unauthenticated,
+    "RESOURCE_EXHAUSTED": lambda message: TooManyAttempts(message, 1.0),
+}
+
+
+class UpstreamSelfService:
+    """What user.sock's servicer and logins ask of the service (core.ports.SelfService),
+    answered by the central tier: this host's user proves a code there (ProveCode),
+    and the grant it gets back makes the one change that follows possible."""
+
+    def __init__(self, upstreams: Upstreams) -> None:
+        self._upstreams = upstreams
+        self._grants: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def _call(self, method: str, request: Message) -> Any:
+        try:
+            return self._upstreams.call(method, request)
+        except UpstreamRefused as exc:
+            make = _REFUSALS.get(exc.code)
+            if exc.code == "INVALID_ARGUMENT":
+                raise InvalidArgument("request", exc.details) from None
+            if make is not None:
+                raise make(exc.details) from None
+            raise StoreError(str(exc)) from None
+
+    def lookup(self, username: str) -> Account | None:
+        return lookup_account(username)
+
+    def get_user(self, username: str) -> UserView:
+        return user_from_pb(self._call("GetUser", pb.GetUserRequest(username=username)))
+
+    def record(self, event: str, username: str, detail: str) -> None:
+        # No audit trail here: the central one has every code checked and change made.
+        pass
+
+    def verify(
+        self, username: str, token: str, *, via: str, malformed_counts: bool = False
+    ) -> Verification:
+        reply: pb.ProveCodeResponse = self._call(
+            "ProveCode", pb.ProveCodeRequest(username=username, token=token)
+        )
+        outcome = reply.verification
+        if reply.grant:
+            with self._lock:
+                self._grants[username] = (reply.grant, time.monotonic() + reply.grant_expires_in)
+        return Verification(
+            result=_RESULT_FROM_PB.get(outcome.result, VerifyResult.INVALID),
+            locked_seconds=outcome.locked_seconds,
+            recovery_codes_left=(
+                outcome.recovery_codes_left if outcome.HasField("recovery_codes_left") else None
+            ),
+        )
+
+    def _grant(self, username: str) -> str:
+        with self._lock:
+            grant, expires = self._grants.pop(username, ("", 0.0))
+        if not grant or expires <= time.monotonic():
+            raise Unauthenticated(
+                "on an edge host a new secret or recovery codes need a code of the current "
+                "secret proven moments before (log in again with a code); an account without "
+                "a secret is enrolled by an administrator or the help desk "
+                "(otpgate --server ... renew-secret USER)"
+            )
+        return grant
+
+    def renew_secret(
+        self,
+        username: str,
+        *,
+        otp_digits: int | None = None,
+        interval: int | None = None,
+        expected: object = None,
+        pending: bool = False,
+    ) -> UserView:
+        if not pending:
+            raise FailedPrecondition(
+                "an edge host renews a secret only with confirmation (renew-secret without "
+                "--now); an administrator can replace it at once"
+            )
+        request = pb.HostRenewSecretRequest(
+            username=username,
+            grant=self._grant(username),
+            twofactor_options=pb.TwoFactorOptions(
+                otp_digits=otp_digits or 0, interval=interval or 0
+            ),
+        )
+        return user_from_pb(self._call("RenewSecret", request))
+
+    def confirm_secret(self, username: str, token: str, *, expected: object = None) -> UserView:
+        request = pb.ConfirmSecretRequest(username=username, token=token)
+        return user_from_pb(self._call("ConfirmSecret", request))
+
+    def provisioning_uri(self, username: str) -> str:
+        raise PermissionDenied(
+            "an edge host never reads a secret in use: renew it (otpgate renew-secret) "
+            "to get a new one"
+        )
+
+    def make_recovery_codes(self, username: str) -> list[str]:
+        request = pb.HostGrantRequest(username=username, grant=self._grant(username))
+        reply: pb.RecoveryCodes = self._call("MakeRecoveryCodes", request)
+        return list(reply.codes)

@@ -1,0 +1,195 @@
+"""HostGate on the network listener: what edge daemons ask the central tier.
+
+Only certificates of the `host` role reach it (server.roles). Root on an edge host
+is assumed hostile, so what a host may do is bounded by what the people who log
+in through it type there: it may ask whether a code is right (each wrong one
+counts toward the lockout), and it may make a way in (a pending secret, recovery
+codes) only with a grant, which only a right code (or recovery code) of the
+account's current secret gives, checked here, a moment before, for that account
+and that host certificate. A host never reads a secret in use; it never replaces
+one at once (a pending secret leaves the current one working until it is
+confirmed with a code from the new one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from otpgate.core.crypto import Sealed
+from otpgate.core.gate import Decision, Gate, Verdict
+from otpgate.core.ports import PasswordChecker
+from otpgate.core.service import TwoFactorService
+from otpgate.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from otpgate.server.messages import user_to_pb, verification_to_pb
+from otpgate.server.network import Guard
+from otpgate.server.pam import bad_service, decide, pam_decision, safe_rhost
+from otpgate.server.rpc import rpc
+from otpgate.v1 import otpgate_pb2 as pb
+from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
+
+GRANT_SECONDS = 300
+# Grants outstanding at once: a hostile host proving codes in a loop must not grow
+# the table without bound (the oldest go first).
+MAX_GRANTS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grant:
+    host: str  # the certificate name it was given to
+    username: str
+    sealed: Sealed | None  # the secret it was proven against: replaced only if unchanged
+    expires: float
+
+
+class Grants:
+    """Single-use proofs that a host's user typed a right code a moment ago."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._grants: dict[bytes, _Grant] = {}
+        self._lock = threading.Lock()
+
+    def give(self, host: str, username: str, sealed: Sealed | None) -> str:
+        token = secrets.token_urlsafe(32)
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, g in self._grants.items() if g.expires <= now]:
+                del self._grants[key]
+            while len(self._grants) >= MAX_GRANTS:
+                del self._grants[next(iter(self._grants))]
+            self._grants[_digest(token)] = _Grant(host, username, sealed, now + GRANT_SECONDS)
+        return token
+
+    def take(self, token: str, host: str, username: str) -> _Grant:
+        """The grant, spent; PermissionDenied unless it is this host's for this account."""
+        with self._lock:
+            grant = self._grants.get(_digest(token))
+            if (
+                grant is None
+                or grant.expires <= self._clock()
+                or not hmac.compare_digest(grant.host, host)
+                or grant.username != username
+            ):
+                raise PermissionDenied(
+                    "no valid grant for this account from this host: prove a current code "
+                    "first (ProveCode); a grant is good once, for 5 minutes"
+                )
+            del self._grants[_digest(token)]
+            return grant
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+
+class HostGateServicer(pb_grpc.HostGateServicer):
+    def __init__(
+        self,
+        service: TwoFactorService,
+        passwords: PasswordChecker,
+        guard: Guard,
+        grants: Grants | None = None,
+    ) -> None:
+        self._service = service
+        self._gate = Gate(service, passwords)
+        self._guard = guard
+        self._grants = grants or Grants()
+
+    def _host(self, context: grpc.ServicerContext) -> str:
+        identity = self._guard.identify(context)
+        assert identity is not None  # the guard let the call in
+        return identity.name
+
+    def audit_origin(self, request: object, context: grpc.ServicerContext) -> tuple[str, str]:
+        identity = self._guard.identify(context)
+        caller = identity.caller if identity else "cert=?"
+        if isinstance(request, pb.PamRequest):
+            service = request.service if not bad_service(request.service) else "?"
+            rhost = safe_rhost(request.rhost)
+            return f"pam:{service}", f"{caller} rhost={rhost}" if rhost else caller
+        return "host", caller
+
+    @rpc
+    def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
+        if bad_service(request.service):
+            return pam_decision(Decision(Verdict.DENY))
+        reply = decide(lambda: self._gate.check(request.username, request.service))
+        if reply.verdict == pb.VERDICT_OTP_REQUIRED:
+            reply.otp_digits = self._digits(request.username)
+        return reply
+
+    def _digits(self, username: str) -> int:
+        try:
+            record = self._service.enrollment(username).record
+        except (NotFound, InvalidArgument):
+            record = None  # an unknown name looks like an enrolled one (core.gate)
+        return record.otp_digits if record else 6
+
+    @rpc
+    def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
+        if bad_service(request.service):
+            return pam_decision(Decision(Verdict.DENY))
+        return decide(lambda: self._gate.verify(request.username, request.service, request.authtok))
+
+    @rpc
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserEntry:
+        return user_to_pb(self._service.get_user(request.username))
+
+    @rpc
+    def ProveCode(
+        self, request: pb.ProveCodeRequest, context: grpc.ServicerContext
+    ) -> pb.ProveCodeResponse:
+        host = self._host(context)
+        record = self._service.enrollment(request.username).record
+        outcome = self._service.verify(
+            request.username, request.token, via="host", malformed_counts=True
+        )
+        reply = pb.ProveCodeResponse(verification=verification_to_pb(outcome))
+        if outcome.valid:
+            reply.grant = self._grants.give(
+                host, request.username, record.sealed if record else None
+            )
+            reply.grant_expires_in = GRANT_SECONDS
+        return reply
+
+    @rpc
+    def RenewSecret(
+        self, request: pb.HostRenewSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        grant = self._grants.take(request.grant, self._host(context), request.username)
+        options = request.twofactor_options
+        view = self._service.renew_secret(
+            request.username,
+            otp_digits=options.otp_digits or None,
+            interval=options.interval or None,
+            expected=grant.sealed,
+            pending=True,
+        )
+        return user_to_pb(view)
+
+    @rpc
+    def ConfirmSecret(
+        self, request: pb.ConfirmSecretRequest, context: grpc.ServicerContext
+    ) -> pb.UserEntry:
+        # The code of the pending secret is the proof: whoever renewed it knows it.
+        return user_to_pb(self._service.confirm_secret(request.username, request.token))
+
+    @rpc
+    def MakeRecoveryCodes(
+        self, request: pb.HostGrantRequest, context: grpc.ServicerContext
+    ) -> pb.RecoveryCodes:
+        grant = self._grants.take(request.grant, self._host(context), request.username)
+        record = self._service.enrollment(request.username).record
+        if record is None or grant.sealed is None or record.sealed != grant.sealed:
+            raise FailedPrecondition(
+                f"{request.username}'s secret changed since the code was proven: prove again"
+            )
+        return pb.RecoveryCodes(codes=self._service.make_recovery_codes(request.username))

@@ -1,0 +1,296 @@
+"""The network listener: the admin API and the edge hosts' HostGate over mutual TLS.
+
+Off unless `listen` is set. TLS with a required client certificate, never plain
+TCP; the certificate's common name picks a role from [roles] (server.roles), and
+each call is checked against that role's fixed method table before any servicer
+runs. A certificate gRPC accepted (it chains to tls_client_ca and is within its
+validity) may still be revoked: its serial is compared with tls_deny_serials and
+the CRL file at every call. SIGHUP reloads the certificate files, the CRL and the
+[roles] table (server.main) without dropping a connection: a new handshake takes
+the new server certificate and client CA; a call takes the new roles and
+revocations at once, on connections already open too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent import futures
+from typing import Any
+
+import grpc
+from cryptography import x509
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2
+
+from otpgate.errors import ConfigError
+from otpgate.server import roles
+from otpgate.server.handlers import method_table
+from otpgate.server.monitor import set_health
+
+log = logging.getLogger("otpgated")
+
+# Distinct certificates worth remembering the parse of (a fleet's hosts and admins).
+_PARSED_CACHE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Who is on the other end of a TLS connection, as its certificate says."""
+
+    name: str  # the subject's common name
+    serial: int
+    role: str | None  # None: the name is not in [roles]
+    revoked: bool
+
+    @property
+    def caller(self) -> str:
+        """For the audit trail and the log: never more than the certificate shows."""
+        return f"cert={self.name} serial={self.serial:x} role={self.role or '-'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsSettings:
+    """Everything SIGHUP reloads, read and checked in one go."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes
+    revoked: frozenset[int]
+    role_of: Mapping[str, str]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1024 * 1024)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def load_tls(
+    *,
+    cert: str,
+    key: str,
+    client_ca: str,
+    crl: str,
+    deny_serials: list[str],
+    role_of: Mapping[str, str],
+) -> TlsSettings:
+    """The listener's files, checked so that a broken reload is refused whole."""
+    cert_pem = _read(cert, "tls_cert")
+    key_pem = _read(key, "tls_key")
+    ca_pem = _read(client_ca, "tls_client_ca")
+    try:
+        x509.load_pem_x509_certificates(cert_pem)
+        ca_certs = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as exc:
+        raise ConfigError(f"tls_cert or tls_client_ca is not PEM certificates: {exc}") from None
+    revoked = {int(s, 16) for s in deny_serials}
+    if crl:
+        revoked |= _crl_serials(crl, ca_certs)
+    return TlsSettings(cert_pem, key_pem, ca_pem, frozenset(revoked), dict(role_of))
+
+
+def _crl_serials(path: str, issuers: list[x509.Certificate]) -> set[int]:
+    data = _read(path, "tls_crl")
+    try:
+        crl = (
+            x509.load_pem_x509_crl(data)
+            if data.lstrip().startswith(b"-----")
+            else x509.load_der_x509_crl(data)
+        )
+    except ValueError as exc:
+        raise ConfigError(f"tls_crl {path} is not a CRL: {exc}") from None
+    # A CRL anyone could write would let them revoke nobody: it must be the CA's.
+    for issuer in issuers:
+        try:
+            if crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+                return {entry.serial_number for entry in crl}
+        except TypeError:  # a key type that cannot sign CRLs
+            continue
+    raise ConfigError(f"tls_crl {path} is not signed by a CA of tls_client_ca")
+
+
+class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Every call: identify the certificate, then allow only its role's methods."""
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+
+    def replace(self, settings: TlsSettings) -> None:
+        with self._lock:
+            self._settings = settings
+
+    @property
+    def settings(self) -> TlsSettings:
+        with self._lock:
+            return self._settings
+
+    def identify(self, context: grpc.ServicerContext) -> Identity | None:
+        pems: Any = context.auth_context().get("x509_pem_cert") or []
+        if not pems:
+            return None  # cannot happen with a required client certificate
+        name, serial = _subject(pems[0])
+        settings = self.settings
+        return Identity(
+            name=name,
+            serial=serial,
+            role=settings.role_of.get(name),
+            revoked=serial in settings.revoked,
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        method: str = details.method
+        handler = continuation(details)
+        if handler is None:
+            return _refusal(method)
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        changes = {
+            kind: self._guarded(method, getattr(handler, kind))
+            for kind in kinds
+            if getattr(handler, kind) is not None
+        }
+        return handler._replace(**changes)
+
+    def _guarded(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(behavior)
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            identity = self.identify(context)
+            if identity is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+            assert identity is not None
+            if identity.revoked:
+                log.warning("remote_refused %s method=%s reason=revoked", identity.caller, method)
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"certificate {identity.name!r} (serial {identity.serial:x}) is revoked",
+                )
+            if not _health(method) and not roles.allowed(identity.role, method):
+                log.warning("remote_refused %s method=%s reason=role", identity.caller, method)
+                if identity.role is None:
+                    context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"certificate {identity.name!r} has no role in otpgated's [roles]",
+                    )
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"role {identity.role} may not call {method.rsplit('/', 1)[-1]}",
+                )
+            # Admin calls (changes among them) are few and each is worth a line; the
+            # hosts' questions are logins, which the gate logs already.
+            if method.startswith(f"/{roles.ADMIN_SERVICE}/"):
+                log.info("remote_call %s method=%s", identity.caller, method.rsplit("/", 1)[-1])
+            return behavior(request, context)
+
+        return guarded
+
+
+def _health(method: str) -> bool:
+    # Any certificate with a role may ask whether the daemon serves (load balancers,
+    # an edge choosing its upstream); it learns nothing else.
+    return method.startswith("/grpc.health.v1.Health/")
+
+
+def _refusal(method: str) -> Any:
+    # Methods this listener does not serve (PamGate, UserSelfService, reflection)
+    # are refused as a role's missing method is, whoever asks.
+    def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{method.rsplit('/', 1)[-1] or method} is not served on the network listener",
+        )
+
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+@functools.lru_cache(maxsize=_PARSED_CACHE)
+def _subject(pem: bytes) -> tuple[str, int]:
+    cert = x509.load_pem_x509_certificate(pem)
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    name = str(names[0].value) if names else ""
+    return name, cert.serial_number
+
+
+class NetworkListener:
+    """One grpc.server on HOST:PORT with TLS and client certificates."""
+
+    def __init__(
+        self,
+        address: str,
+        settings: TlsSettings,
+        *,
+        workers: int,
+        options: list[tuple[str, Any]],
+    ) -> None:
+        self.address = address
+        self.guard = Guard(settings)
+        self._pending: TlsSettings | None = None
+        self._lock = threading.Lock()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="network"),
+            options=options,
+            interceptors=[self.guard],
+        )
+        self.health = health.HealthServicer()
+        service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        self.server.add_generic_rpc_handlers((method_table(service, self.health),))
+        self.names: list[str] = [service.full_name]
+
+    def add(self, service: ServiceDescriptor, servicer: object) -> None:
+        self.server.add_generic_rpc_handlers((method_table(service, servicer),))
+        self.names.append(service.full_name)
+
+    def set_serving(self, serving: bool) -> None:
+        set_health(self.health, self.names, serving)
+
+    def _configuration(self, settings: TlsSettings) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(settings.key_pem, settings.cert_pem)], root_certificates=settings.client_ca_pem
+        )
+
+    def _fetch(self) -> Any:
+        # gRPC asks before each handshake: None keeps the configuration it has.
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return None if pending is None else self._configuration(pending)
+
+    def start(self) -> None:
+        credentials = grpc.dynamic_ssl_server_credentials(
+            self._configuration(self.guard.settings),
+            self._fetch,
+            require_client_authentication=True,
+        )
+        port = self.server.add_secure_port(self.address, credentials)
+        if port == 0:
+            raise ConfigError(f"cannot listen on {self.address} (in use, or not an address here)")
+        self.server.start()
+        self.set_serving(True)
+        log.info("listening address=%s tls=mutual roles=%d", self.address, len(self.roles()))
+
+    def roles(self) -> Mapping[str, str]:
+        return self.guard.settings.role_of
+
+    def reload(self, settings: TlsSettings) -> None:
+        """New files for the next handshakes, new roles and revocations now."""
+        with self._lock:
+            self._pending = settings
+        self.guard.replace(settings)
+        log.info(
+            "reloaded tls address=%s roles=%d revoked=%d",
+            self.address,
+            len(settings.role_of),
+            len(settings.revoked),
+        )
+
+    def stop(self, grace: float) -> threading.Event:
+        self.health.enter_graceful_shutdown()
+        return self.server.stop(grace)
