@@ -130,8 +130,10 @@ install -D -m 0644 "$repo/packaging/systemd/otpgated.service" "$root/lib/systemd
 install -D -m 0644 "$repo/packaging/systemd/otpgate.sysusers" "$root/usr/lib/sysusers.d/otpgate.conf"
 install -D -m 0644 "$repo/packaging/systemd/otpgate.tmpfiles" "$root/usr/lib/tmpfiles.d/otpgate.conf"
 # A fleet host's drop-in (README, "A fleet"): an example, installed by the admin.
-install -D -m 0644 "$repo/packaging/systemd/otpgated-fleet.conf" \
-  "$root/usr/share/otpgate/systemd/otpgated-fleet.conf"
+for dropin in fleet central edge; do
+  install -D -m 0644 "$repo/packaging/systemd/otpgated-$dropin.conf" \
+    "$root/usr/share/otpgate/systemd/otpgated-$dropin.conf"
+done
 install -D -m 0644 "$repo/packaging/pam.d/otpgate" "$root/etc/pam.d/otpgate"
 install -d "$root/usr/share/otpgate/pam.d" "$root/usr/share/otpgate/sshd_config.d"
 for f in "$repo"/packaging/pam.d/otpgate-ssh-* "$repo"/packaging/sshd_config.d/*.conf; do

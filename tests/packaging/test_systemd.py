@@ -50,14 +50,16 @@ def test_unit_facts() -> None:
         assert line in text
 
 
-FLEET = REPO / "packaging" / "systemd" / "otpgated-fleet.conf"
+DROP_INS = REPO / "packaging" / "systemd"
 
 
-def test_fleet_drop_in_verifies_and_opens_only_the_network(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["fleet", "central", "edge"])
+def test_drop_in_verifies_and_opens_only_the_network(tmp_path: Path, kind: str) -> None:
+    drop_in = DROP_INS / f"otpgated-{kind}.conf"
     # A drop-in's lines come after the unit's: the same as one file in that order
     # (its [Service] header reopens that section after the unit's [Install]).
     merged = UNIT.read_text().replace("/usr/lib/otpgate/bin/otpgated", "/bin/true")
-    merged += "\n" + FLEET.read_text()
+    merged += "\n" + drop_in.read_text()
     unit = tmp_path / "otpgated.service"
     unit.write_text(merged)
     result = subprocess.run(
@@ -73,6 +75,10 @@ def test_fleet_drop_in_verifies_and_opens_only_the_network(tmp_path: Path) -> No
     assert match, security.stdout + security.stderr
     # Network to one address costs a little exposure; nothing else may.
     assert float(match.group(1)) <= MAX_EXPOSURE + 0.5, security.stdout
-    text = FLEET.read_text()
+    text = drop_in.read_text()
     assert "IPAddressAllow=" in text and "IPAddressDeny=" not in text.split("#")[0]
-    assert "LoadCredential=otpgate.dbpassword:" in text
+    if kind == "fleet":
+        assert "LoadCredential=otpgate.dbpassword:" in text
+    if kind == "edge":
+        # An edge holds no key: the unit's key credential is reset, not replaced.
+        assert "\nLoadCredential=\n" in text and "otpgate.key:" not in text.split("#")[0]

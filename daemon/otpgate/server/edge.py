@@ -80,19 +80,32 @@ class Upstreams:
         budget: float = TOTAL_BUDGET_SECONDS,
         server_name: str = "",
     ) -> None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
-        )
-        options: list[tuple[str, Any]] = list(_CHANNEL_OPTIONS)
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
         self.addresses = addresses
-        self._channels = [grpc.secure_channel(a, credentials, options=options) for a in addresses]
-        self._stubs = [pb_grpc.HostGateStub(c) for c in self._channels]
+        self._server_name = server_name
         self._timeout = timeout
         self._budget = budget
         self._first = 0
         self._lock = threading.Lock()
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[pb_grpc.HostGateStub] = []
+        self.reload(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem)
+
+    def reload(self, *, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        """New channels with these certificates (SIGHUP); calls under way finish on
+        the old ones."""
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+        )
+        options: list[tuple[str, Any]] = list(_CHANNEL_OPTIONS)
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        channels = [grpc.secure_channel(a, credentials, options=options) for a in self.addresses]
+        with self._lock:
+            old, self._channels = self._channels, channels
+            self._stubs = [pb_grpc.HostGateStub(c) for c in channels]
+        if old:
+            # Closing a channel cancels its calls: give those under way their budget.
+            threading.Timer(self._budget + 1.0, _close_all, (old,)).start()
 
     def call(self, method: str, request: Message, *, retry_unavailable: bool = False) -> Any:
         """The first answer of an upstream; StoreUnavailable when none came in time,
@@ -103,8 +116,8 @@ class Upstreams:
         """
         deadline = time.monotonic() + self._budget
         with self._lock:
-            first = self._first
-        order = [(first + i) % len(self._stubs) for i in range(len(self._stubs))]
+            first, stubs = self._first, self._stubs
+        order = [(first + i) % len(stubs) for i in range(len(stubs))]
         away: list[str] = []
         last_unavailable: Any = None
         for index in order:
@@ -113,9 +126,7 @@ class Upstreams:
                 break
             address = self.addresses[index]
             try:
-                reply = getattr(self._stubs[index], method)(
-                    request, timeout=min(self._timeout, left)
-                )
+                reply = getattr(stubs[index], method)(request, timeout=min(self._timeout, left))
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in _AWAY:
@@ -141,8 +152,14 @@ class Upstreams:
         )
 
     def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        with self._lock:
+            channels = self._channels
+        _close_all(channels)
+
+
+def _close_all(channels: list[grpc.Channel]) -> None:
+    for channel in channels:
+        channel.close()
 
 
 class EdgePamServicer(pb_grpc.PamGateServicer):

@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from otpgate.core import audit
+
 BATCH_INTERVAL = 0.1  # seconds
 # The journal cuts a longer line itself (LineMax=, 48K by default) and the rest
 # would start a line of its own.
@@ -149,6 +151,17 @@ def keep_metadata_out(record: logging.LogRecord) -> bool:
 
 # ---------------------------------------------------------------------------------
 # A few lines a second per logger for what callers can cause.
+
+
+def name_the_certificate(record: logging.LogRecord) -> bool:
+    """A line otpgated writes while serving a call from the network listener ends with
+    the certificate's name, serial and role (the call's audit origin), so that every
+    change made remotely says who made it, in the log as in the audit trail."""
+    caller = audit.origin().caller
+    if record.name == OWN_LOGGER and caller.startswith("cert=") and "cert=" not in str(record.msg):
+        record.msg = f"{record.getMessage()} by {caller}"
+        record.args = None
+    return True
 
 
 def _own_record(level: int, msg: str, args: tuple[object, ...]) -> logging.LogRecord:
@@ -591,6 +604,7 @@ def configure() -> None:
     handler = BatchingHandler(_private_stderr(), rate_limit=RateLimit())
     handler.setFormatter(LineFormatter(fmt))
     handler.addFilter(keep_metadata_out)
+    handler.addFilter(name_the_certificate)
     logging.basicConfig(handlers=[handler], level=logging.INFO)
     # psycopg's pool logs every checkout at INFO: built, then dropped, per login.
     logging.getLogger("psycopg.pool").setLevel(logging.WARNING)

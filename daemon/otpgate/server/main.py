@@ -313,7 +313,25 @@ def _read_pem(path: str, what: str) -> bytes:
         raise OtpgateError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def run_edge(config: daemon_config.DaemonConfig) -> int:
+def _reload_upstreams(upstreams: Upstreams, argv: list[str]) -> None:
+    # The edge's certificate, key and upstream CA again (renewed certificates); the
+    # list of upstreams and everything else wait for a restart.
+    try:
+        config = daemon_config.load(argv)
+        upstreams.reload(
+            ca_pem=_read_pem(config.upstream_ca, "upstream_ca"),
+            cert_pem=_read_pem(config.tls_cert, "tls_cert"),
+            key_pem=_read_pem(config.tls_key, "tls_key"),
+        )
+    except OtpgateError as exc:
+        log.error(
+            "reload_failed error=%s: %s (the previous certificates stay)", type(exc).__name__, exc
+        )
+        return
+    log.info("reloaded tls upstreams=%s", ",".join(upstreams.addresses))
+
+
+def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> int:
     """Edge mode (server.edge): pam.sock and user.sock, answered by the upstreams.
 
     No key, no database, no admin.sock: this host holds nothing worth stealing, and
@@ -369,7 +387,7 @@ def run_edge(config: daemon_config.DaemonConfig) -> int:
         while not signals.stopping:
             if signals.reload:
                 signals.reload = False
-                log.info("reload: an edge takes new certificates at a restart")
+                _reload_upstreams(upstreams, argv or [])
             signals.wait(3600)
         sdnotify.notify("STOPPING=1")
         if watchdog:
@@ -390,7 +408,7 @@ def run_edge(config: daemon_config.DaemonConfig) -> int:
 def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; main() has blocked those before any thread started."""
     if config.edge:
-        return run_edge(config)
+        return run_edge(config, argv)
     os.umask(0o077)
     check_key_location(config)
     _prepare_dir(config.state_dir, 0o700)
