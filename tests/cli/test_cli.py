@@ -1129,7 +1129,7 @@ def test_stopped_daemon(daemon: Daemon) -> None:
 
 def test_usage_errors() -> None:
     names = "config update renew-secret provisioning-uri verify confirm unset-secret unlock "
-    names += "recovery-codes doctor setup audit rotate-key import user"
+    names += "recovery-codes doctor setup audit rotate-key import user pki"
     choices = ", ".join(f"'{name}'" for name in names.split())
     cases = [
         ([], "otpgate", "the following arguments are required: COMMAND"),

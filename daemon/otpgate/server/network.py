@@ -26,6 +26,7 @@ from cryptography import x509
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 
+from otpgate import pki
 from otpgate.errors import ConfigError
 from otpgate.server import roles
 from otpgate.server.handlers import method_table
@@ -86,33 +87,14 @@ def load_tls(
     ca_pem = _read(client_ca, "tls_client_ca")
     try:
         x509.load_pem_x509_certificates(cert_pem)
-        ca_certs = x509.load_pem_x509_certificates(ca_pem)
+        x509.load_pem_x509_certificates(ca_pem)
     except ValueError as exc:
         raise ConfigError(f"tls_cert or tls_client_ca is not PEM certificates: {exc}") from None
     revoked = {int(s, 16) for s in deny_serials}
     if crl:
-        revoked |= _crl_serials(crl, ca_certs)
+        # A CRL anyone could write would let them revoke nobody: it must be the CA's.
+        revoked |= pki.load_crl_serials(crl, client_ca)
     return TlsSettings(cert_pem, key_pem, ca_pem, frozenset(revoked), dict(role_of))
-
-
-def _crl_serials(path: str, issuers: list[x509.Certificate]) -> set[int]:
-    data = _read(path, "tls_crl")
-    try:
-        crl = (
-            x509.load_pem_x509_crl(data)
-            if data.lstrip().startswith(b"-----")
-            else x509.load_der_x509_crl(data)
-        )
-    except ValueError as exc:
-        raise ConfigError(f"tls_crl {path} is not a CRL: {exc}") from None
-    # A CRL anyone could write would let them revoke nobody: it must be the CA's.
-    for issuer in issuers:
-        try:
-            if crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-                return {entry.serial_number for entry in crl}
-        except TypeError:  # a key type that cannot sign CRLs
-            continue
-    raise ConfigError(f"tls_crl {path} is not signed by a CA of tls_client_ca")
 
 
 class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
