@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import lib
 
-SECTIONS = ("hook_latency", "throughput", "storm", "login", "guess_rate", "scale")
+SECTIONS = ("hook_latency", "throughput", "storm", "login", "guess_rate", "scale", "network")
 EXTRA = ("pg_profile",)  # only with --only: a diagnosis, not a measurement to track
 
 

@@ -143,6 +143,7 @@ def make_edge(
         root = tmp_path_factory.mktemp("edge")
         config = root / "otpgated.toml"
         config.write_text(edge_toml(fleet_pki, name, list(upstreams), extra))
-        return make_daemon("--config", str(config), root=root)  # type: ignore[no-any-return]
+        daemon: Daemon = make_daemon("--config", str(config), root=root)
+        return daemon
 
     return make
