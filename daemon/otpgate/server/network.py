@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 
@@ -86,15 +87,40 @@ def load_tls(
     key_pem = _read(key, "tls_key")
     ca_pem = _read(client_ca, "tls_client_ca")
     try:
-        x509.load_pem_x509_certificates(cert_pem)
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
         x509.load_pem_x509_certificates(ca_pem)
     except ValueError as exc:
         raise ConfigError(f"tls_cert or tls_client_ca is not PEM certificates: {exc}") from None
+    _check_key(key, key_pem, leaf)
     revoked = {int(s, 16) for s in deny_serials}
     if crl:
         # A CRL anyone could write would let them revoke nobody: it must be the CA's.
-        revoked |= pki.load_crl_serials(crl, client_ca)
+        try:
+            revoked |= pki.load_crl_serials(crl, client_ca)
+        except ConfigError as exc:
+            raise ConfigError(f"tls_crl: {exc}") from None
     return TlsSettings(cert_pem, key_pem, ca_pem, frozenset(revoked), dict(role_of))
+
+
+def _check_key(path: str, key_pem: bytes, leaf: x509.Certificate) -> None:
+    # gRPC itself would only find out at the next handshake, after a reload had been
+    # reported done (and refuse every handshake at a start): a key that is not the
+    # certificate's is a broken file like a missing one.
+    def spki(public_key: Any) -> bytes:
+        return bytes(
+            public_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"tls_key {path} is not a PEM private key without a passphrase: {exc}"
+        ) from None
+    if spki(private.public_key()) != spki(leaf.public_key()):
+        raise ConfigError(f"tls_key {path} is not the key of tls_cert's certificate")
 
 
 class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -251,7 +277,10 @@ class NetworkListener:
             self._fetch,
             require_client_authentication=True,
         )
-        port = self.server.add_secure_port(self.address, credentials)
+        try:
+            port = self.server.add_secure_port(self.address, credentials)
+        except RuntimeError:  # how grpcio reports a port of 0 ("Failed to bind to address")
+            port = 0
         if port == 0:
             raise ConfigError(f"cannot listen on {self.address} (in use, or not an address here)")
         self.server.start()
