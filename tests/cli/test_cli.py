@@ -35,7 +35,8 @@ CLI = [sys.executable, "-m", "otpgate.cli.main"]
 HOST = socket.gethostname()
 KNOWN_KEYS = (
     "enabled, window, services.ssh, otp_digits, interval, issuer, enrollment_policy, "
-    "lockout_threshold, lockout_seconds"
+    "lockout_threshold, lockout_seconds, exempt_networks, exempt_groups, required_groups, "
+    "enrollment_deadline"
 )
 QR_FORMATS = "ansi, utf8, none, png:FILE, svg:FILE"
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -49,6 +50,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "enrollment_policy": "optional",
     "lockout_threshold": 5,
     "lockout_seconds": 300,
+    "exempt_networks": [],
+    "exempt_groups": [],
+    "required_groups": [],
+    "enrollment_deadline": "",
 }
 Result = subprocess.CompletedProcess[str]
 
@@ -124,6 +129,10 @@ def daemon_config(daemon: Daemon) -> dict[str, Any]:
         "enrollment_policy": policies[c.enrollment_policy],
         "lockout_threshold": c.lockout_threshold,
         "lockout_seconds": c.lockout_seconds,
+        "exempt_networks": list(c.exempt_networks),
+        "exempt_groups": list(c.exempt_groups),
+        "required_groups": list(c.required_groups),
+        "enrollment_deadline": c.enrollment_deadline,
     }
 
 
@@ -213,21 +222,25 @@ def recreated(user: LocalUser) -> Iterator[int]:
 
 def test_config_human_output(daemon: Daemon) -> None:
     assert ok(daemon, "config") == (
-        "enabled            false\n"
-        "window             0\n"
-        "services.ssh       false\n"
-        "otp_digits         6\n"
-        "interval           30\n"
-        "issuer             otpgate-test (daemon default)\n"
-        "enrollment_policy  optional\n"
-        "lockout_threshold  5\n"
-        "lockout_seconds    300\n"
+        "enabled              false\n"
+        "window               0\n"
+        "services.ssh         false\n"
+        "otp_digits           6\n"
+        "interval             30\n"
+        "issuer               otpgate-test (daemon default)\n"
+        "enrollment_policy    optional\n"
+        "lockout_threshold    5\n"
+        "lockout_seconds      300\n"
+        "exempt_networks      none\n"
+        "exempt_groups        none\n"
+        "required_groups      none\n"
+        "enrollment_deadline  none\n"
     )
     set_config(daemon, "issuer=Acme Corp", "services.ssh=true", "enrollment_policy=required")
     lines = ok(daemon, "config").splitlines()
-    assert lines[2] == "services.ssh       true"
-    assert lines[5] == "issuer             Acme Corp"
-    assert lines[6] == "enrollment_policy  required"
+    assert lines[2] == "services.ssh         true"
+    assert lines[5] == "issuer               Acme Corp"
+    assert lines[6] == "enrollment_policy    required"
 
 
 def test_config_json_before_and_after_the_command(daemon: Daemon) -> None:
@@ -1008,6 +1021,9 @@ def test_user_show(daemon: Daemon, user: LocalUser) -> None:
         ("local", "true"), ("twofactor_auth_configured", "true"), ("failed_attempts", 0),
         ("locked_seconds", 0), ("recovery_codes_left", 0), ("pending_expires_in", 0),
         ("twofactor_interval", 45), ("twofactor_otp_digits", 6),
+        # For an admin: the access policy's word on an SSH login (tests/cli/test_policy.py).
+        ("access", "would be asked for a code from anywhere: no, 2FA is off (enabled=false)"),
+        ("access_groups", "in no exempt or required group"),
     ]  # fmt: skip
     expected = "".join(f"{key:<25}  {value}\n" for key, value in pairs)
     assert ok(daemon, "user", "show", user.name) == expected

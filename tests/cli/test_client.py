@@ -78,6 +78,12 @@ class FakeClient:
     def list_users(self) -> list[pb.UserEntry]:
         return [self.user]
 
+    def explain_access(self, user: str, rhost: str) -> pb.ExplainAccessResponse:
+        self.calls.append(f"explain_access {user} {rhost}")
+        return pb.ExplainAccessResponse(
+            asked=True, reason=pb.ACCESS_REASON_ENROLLED, explanation="would be asked: yes"
+        )
+
     def close(self) -> None:
         pass
 
@@ -131,7 +137,7 @@ def test_admin_group_is_the_sockets_group(tmp_path: Path) -> None:
 def test_commands_run_over_any_client() -> None:
     fake = FakeClient()
     client: Client = fake  # the Protocol is all the commands know
-    args = argparse.Namespace(user="alice", token="123456", json=False)
+    args = argparse.Namespace(user="alice", token="123456", json=False, from_address=None)
     verdict = commands.verify(client, args)
     assert (verdict.status, _shown(verdict)) == (
         1,
@@ -140,9 +146,10 @@ def test_commands_run_over_any_client() -> None:
     shown = commands.user_show(client, args)
     out, _ = _shown(shown)
     assert "twofactor_interval         none (not enrolled)\n" in out
-    assert fake.calls == ["verify alice 123456", "get_user alice"]
+    assert "access                     would be asked: yes\n" in out
+    assert fake.calls == ["verify alice 123456", "get_user alice", "explain_access alice "]
     with pytest.raises(InvalidArgument, match="USER: must not be empty"):
-        commands.user_show(client, argparse.Namespace(user=""))
+        commands.user_show(client, argparse.Namespace(user="", from_address=None))
 
 
 def test_json_shapes_come_from_the_messages() -> None:

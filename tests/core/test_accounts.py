@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import pwd
 import subprocess
 from collections.abc import Callable, Hashable
@@ -10,8 +11,11 @@ import pytest
 
 from otpgate.core.accounts import (
     CachedAccountLookup,
+    CachedGroupNames,
     account_details,
     check_username,
+    group_files_stamp,
+    group_names,
     lookup_account,
     passwd_file_stamp,
 )
@@ -144,3 +148,46 @@ def test_details_are_resolved_once_into_a_plain_value(make_user: Callable[..., L
     assert details.local and details.api_id == account.uid
     gone = account_details(account)
     assert not gone.local and gone.api_id == account.uid + DIRECTORY_ID_OFFSET
+
+
+# -- group names (the access policy's group rules) -----------------------------------------
+
+
+def test_group_names_are_cached_until_the_ttl_or_a_change() -> None:
+    now, stamp, calls = [100.0], [("group", 1)], []
+    alice = Account("alice", 1000, 1000, "", "/home", "/bin/sh")
+
+    def lookup(account: Account) -> frozenset[str]:
+        calls.append(account.username)
+        return frozenset({"alice", f"ops{len(calls)}"})
+
+    cache = CachedGroupNames(lookup, ttl=5.0, clock=lambda: now[0], stamp=lambda: stamp[0])
+    assert cache(alice) == {"alice", "ops1"} == cache(alice)
+    now[0] += 5.1
+    assert cache(alice) == {"alice", "ops2"}
+    stamp[0] = ("group", 2)  # usermod -aG, gpasswd: /etc/group rewritten
+    assert cache(alice) == {"alice", "ops3"}
+    # Another account under the same name (a new uid or primary group) is asked afresh.
+    assert cache(Account("alice", 1001, 1001, "", "/home", "/bin/sh")) == {"alice", "ops4"}
+    stamp[0] = None  # unreadable: nothing is kept
+    cache(alice)
+    cache(alice)
+    assert len(calls) == 6
+
+
+def test_real_group_names(make_user: Callable[..., LocalUser]) -> None:
+    user = make_user()
+    account = lookup_account(user.name)
+    assert account is not None
+    before = group_files_stamp()
+    cache = CachedGroupNames()
+    primary = grp.getgrgid(account.gid).gr_name
+    assert group_names(account) == {primary} == cache(account)
+    group = f"ogtg{user.name[3:]}"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        subprocess.run(["usermod", "-aG", group, user.name], check=True)
+        assert group_files_stamp() != before
+        assert cache(account) == {primary, group} == group_names(account)
+    finally:
+        subprocess.run(["groupdel", group], check=True)

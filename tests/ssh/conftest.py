@@ -171,10 +171,13 @@ def ssh_login(
     key: paramiko.PKey | None = None,
     answers: list[str] | None = None,
     timeout: float = 30.0,
+    source: str = "",
 ) -> Login:
     """Log in: first factor (password or key) if given, then keyboard-interactive rounds.
 
-    `answers` are typed, in order, at the keyboard-interactive prompts.
+    `answers` are typed, in order, at the keyboard-interactive prompts. `source`: the
+    local address to connect from (another loopback address: 127.0.0.2), which sshd
+    reports as PAM_RHOST.
     """
     result = Login(ok=False)
     queue = list(answers or [])
@@ -189,7 +192,9 @@ def ssh_login(
             replies.append(queue.pop(0) if queue else "")
         return replies
 
-    sock = socket.create_connection(("127.0.0.1", port), timeout)
+    sock = socket.create_connection(
+        ("127.0.0.1", port), timeout, source_address=(source, 0) if source else None
+    )
     transport = paramiko.Transport(sock)
     try:
         transport.start_client(timeout=timeout)

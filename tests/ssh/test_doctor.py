@@ -95,3 +95,123 @@ def test_relative_or_writable_hook_reported(tmp_path: Path) -> None:
     assert doctor.root_owned_chain(str(hook)) is None  # /tmp is sticky: allowed
     os.chown(hook, 4242, 4242)
     assert "is not owned by root" in (doctor.root_owned_chain(str(hook)) or "")
+
+
+# -- the access policy ------------------------------------------------------------------
+
+# root and two admins in sudo (alice by listing, bob by primary group), carol and dave.
+DIRECTORY = doctor.Directory(
+    accounts=(
+        ("root", 0, 0), ("alice", 1000, 1000), ("bob", 1001, 27), ("carol", 1002, 1002),
+        ("dave", 1003, 100), ("nobody", 65534, 65534),
+    ),
+    groups={
+        "root": (0, ()), "sudo": (27, ("alice",)), "users": (100, ("alice", "carol")),
+        "staff": (50, ("alice", "carol", "dave")), "ops": (2000, ("carol",)),
+        "admins": (2001, ("alice", "root")),
+    },
+)  # fmt: skip
+ADMINS = ["alice", "bob", "root"]
+
+
+def _policy(**given: object) -> list[str]:
+    args: dict[str, object] = {
+        "ssh_on": True,
+        "required": False,
+        "exempt_networks": (),
+        "exempt_groups": (),
+        "required_groups": (),
+        "deadline": "",
+        "enrolled": (),
+        "admins": ADMINS,
+        "directory": DIRECTORY,
+    }
+    return doctor.check_policy(**(args | given))  # type: ignore[arg-type]
+
+
+def test_a_plain_policy_has_no_problem() -> None:
+    assert _policy() == []
+    assert _policy(exempt_networks=["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]) == []
+    assert (
+        _policy(exempt_groups=["ops"], required_groups=["admins"], enrolled=["alice", "root"]) == []
+    )
+    assert _policy(required=True, deadline="2027-01-31") == []
+
+
+@pytest.mark.parametrize(
+    ("network", "why"),
+    [
+        ("0.0.0.0/0", "0.0.0.0/0 holds every IPv4 address: no login over it is asked"),
+        ("::/0", "::/0 holds every IPv6 address: no login over it is asked"),
+        ("::ffff:0.0.0.0/96", "::ffff:0.0.0.0/96 holds every IPv4 address"),
+        ("0.0.0.0/1", "0.0.0.0/1 is very wide (/1): it holds much of the Internet"),
+        ("128.0.0.0/7", "128.0.0.0/7 is very wide (/7)"),
+        ("2000::/3", "2000::/3 is very wide (/3)"),
+        ("::ffff:64.0.0.0/98", "::ffff:64.0.0.0/98 is very wide (/2)"),
+    ],
+)
+def test_exempting_everyone_by_network_is_reported(network: str, why: str) -> None:
+    problems = _policy(exempt_networks=["10.0.0.0/8", network], ssh_on=False)
+    assert len(problems) == 1 and problems[0].startswith(f"policy: exempt_networks: {why}")
+
+
+def test_exempting_most_accounts_by_group_is_reported() -> None:
+    # users: a catch-all by name; staff: 3 of the 4 people (uid 1000 and up, not nobody).
+    problems = _policy(exempt_groups=["users", "staff", "ops"], ssh_on=False)
+    assert problems == [
+        "policy: exempt_groups: users holds most accounts (3 of 4 with uid 1000 or more): none "
+        "of them is asked for a code",
+        "policy: exempt_groups: staff holds most accounts (3 of 4 with uid 1000 or more): none "
+        "of them is asked for a code",
+    ]
+
+
+def test_groups_that_do_not_exist_are_reported() -> None:
+    problems = _policy(exempt_groups=["opps"], required_groups=["admns"], ssh_on=False)
+    assert problems == [
+        "policy: exempt_groups: no group opps here: the rule matches nobody (a directory group "
+        "NSS cannot list is still matched at login)",
+        "policy: required_groups: no group admns here: the rule matches nobody (a directory "
+        "group NSS cannot list is still matched at login)",
+    ]
+
+
+def test_a_deadline_without_required_is_reported() -> None:
+    assert _policy(deadline="2027-01-31") == [
+        "policy: enrollment_deadline 2027-01-31 does nothing while enrollment_policy is optional"
+    ]
+
+
+def test_required_groups_that_refuse_administrators_are_reported() -> None:
+    # Every admin in sudo (alice, bob) lacks a secret; root is enrolled but not in sudo.
+    assert _policy(required_groups=["sudo"], enrolled=["root"]) == [
+        "policy: required_groups: sudo: administrators alice, bob have no secret: their SSH "
+        "logins are refused, from anywhere (otpgate renew-secret USER, then otpgate confirm "
+        "USER CODE)"
+    ]
+    # admins holds alice and root: with bob out of it, not every administrator.
+    assert "(every administrator)" not in _policy(required_groups=["admins"])[0]
+    everyone = doctor.Directory(DIRECTORY.accounts, DIRECTORY.groups | {"all": (9, ("bob",))})
+    (problem,) = _policy(required_groups=["all", "admins"], directory=everyone)[:1]
+    assert "administrator bob has no secret" in problem
+    assert "alice, root have no secret" in _policy(required_groups=["admins"])[0]
+    all_admins = {"all": (9, tuple(ADMINS))}
+    everyone = doctor.Directory(DIRECTORY.accounts, DIRECTORY.groups | all_admins)
+    (problem,) = _policy(required_groups=["all"], directory=everyone)
+    assert "alice, bob, root have no secret (every administrator)" in problem
+    # Members who are not administrators: said too, as they are refused as well.
+    assert _policy(required_groups=["ops"]) == [
+        "policy: required_groups: ops: carol has no secret: their SSH logins are refused "
+        "(otpgate renew-secret USER)"
+    ]
+    assert _policy(required_groups=["ops"], enrolled=["carol"]) == []
+    assert _policy(required_groups=["sudo"], ssh_on=False) == []  # 2FA off for SSH: none
+
+
+def test_long_lists_of_names_are_cut() -> None:
+    many = doctor.Directory(
+        tuple((f"u{i:02}", 1000 + i, 1000 + i) for i in range(25)),
+        {"big": (5000, tuple(f"u{i:02}" for i in range(25)))},
+    )
+    (problem,) = _policy(required_groups=["big"], directory=many, admins=["root"])
+    assert "u00, u01, u02, u03, u04, u05, u06, u07, u08, u09 and 15 more have no secret" in problem

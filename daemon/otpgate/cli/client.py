@@ -6,8 +6,11 @@
   the admin calls raise PermissionDenied, naming the command, before anything is
   asked or sent.
 
-connect() picks one. A transport to a remote otpgated (TLS, planned) is one more
-class implementing Client; nothing outside this module knows gRPC.
+- RemoteAdminClient: a central otpgated's network listener over mutual TLS
+  (cli.remote chooses it and reads the certificates); the same admin calls, which
+  otpgated allows or refuses by the client certificate's role.
+
+connect() picks one; nothing outside this module knows gRPC.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ import stat
 import tomllib
 from typing import Protocol, TypeVar
 
+# gRPC core reads it once, at import: without it a refused TLS handshake adds gRPC's
+# own info line to the one line the CLI prints for an error.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 from google.protobuf.message import Message
 
 from otpgate.cli.prompts import Secrets
+from otpgate.cli.remote import Remote
 from otpgate.core import recovery
 from otpgate.core.totp import check_token_format
 from otpgate.errors import (
@@ -83,6 +90,7 @@ class Client(Protocol):
     def audit_events(self, request: pb.ListAuditEventsRequest) -> pb.ListAuditEventsResponse: ...
     def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]: ...
     def recovery_codes(self, user: str) -> list[str]: ...
+    def explain_access(self, user: str, rhost: str) -> pb.ExplainAccessResponse: ...
     def close(self) -> None: ...
 
 
@@ -103,10 +111,20 @@ def current_user() -> str:
         raise ClientError(f"uid {os.getuid()} has no account name (NSS): name USER") from None
 
 
-def connect(socket_path: str, timeout: float, *, command: str, secrets: Secrets) -> Client:
-    """The client for `socket_path`: admin.sock when the caller may open it, else
-    user.sock beside it (an ordinary user). Nothing is sent yet, and a socket that is
-    missing is reported at the first call: `setup ssh --undo` needs no daemon."""
+def connect(
+    socket_path: str,
+    timeout: float,
+    *,
+    command: str,
+    secrets: Secrets,
+    remote: Remote | None = None,
+) -> Client:
+    """The client for `remote` when given, else for `socket_path`: admin.sock when
+    the caller may open it, else user.sock beside it (an ordinary user). Nothing is
+    sent yet, and a socket that is missing is reported at the first call: `setup ssh
+    --undo` needs no daemon."""
+    if remote is not None:
+        return RemoteAdminClient(remote, timeout, command=command)
     user_socket = os.path.join(os.path.dirname(socket_path), "user.sock")
     if os.path.basename(socket_path) == "user.sock":
         return SelfServiceClient(socket_path, timeout, command=command, secrets=secrets)
@@ -212,8 +230,8 @@ def verification_from_pb(response: pb.VerifyTokenResponse) -> Verification:
 
 
 class _Transport:
-    """One gRPC channel to a Unix socket, opened at the first call. (A TLS transport
-    to a remote otpgated would open its channel differently, nothing else.)"""
+    """One gRPC channel to a Unix socket, opened at the first call. (RemoteAdminClient
+    opens its channel differently and words its failures differently, nothing else.)"""
 
     def __init__(self, socket_path: str, timeout: float, command: str) -> None:
         self.location = socket_path
@@ -227,11 +245,17 @@ class _Transport:
 
     def _open(self) -> grpc.Channel:
         if self._channel is None:
-            _check_socket(self.location, self._command)
-            if self._wait_for_ready:
-                _probe_listener(self.location)
-            self._channel = grpc.insecure_channel("unix:" + self.location)
+            self._channel = self._new_channel()
         return self._channel
+
+    def _new_channel(self) -> grpc.Channel:
+        _check_socket(self.location, self._command)
+        if self._wait_for_ready:
+            _probe_listener(self.location)
+        return grpc.insecure_channel("unix:" + self.location)
+
+    def _failure(self, exc: grpc.RpcError) -> OtpgateError:
+        return _rpc_error(exc, self.location)
 
     def _call(
         self,
@@ -247,7 +271,7 @@ class _Transport:
                 wait_for_ready=self._wait_for_ready,
             )
         except grpc.RpcError as exc:
-            raise _rpc_error(exc, self.location) from None
+            raise self._failure(exc) from None
 
     def close(self) -> None:
         if self._channel is not None:
@@ -317,6 +341,67 @@ class AdminClient(_Transport):
         request = pb.MakeRecoveryCodesRequest(username=user)
         return list(self._call(self._admin().MakeRecoveryCodes, request).codes)
 
+    def explain_access(self, user: str, rhost: str) -> pb.ExplainAccessResponse:
+        request = pb.ExplainAccessRequest(username=user, rhost=rhost)
+        return self._call(self._admin().ExplainAccess, request)
+
+
+class RemoteAdminClient(AdminClient):
+    """The admin API of a central otpgated's network listener, over mutual TLS: the
+    same calls as admin.sock's, which otpgated allows or refuses by the role that
+    [roles] gives the client certificate's name."""
+
+    def __init__(self, remote: Remote, timeout: float, *, command: str) -> None:
+        super().__init__(remote.server, timeout, command=command)
+        self._remote = remote
+
+    def _new_channel(self) -> grpc.Channel:
+        remote = self._remote
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=remote.ca, private_key=remote.key, certificate_chain=remote.cert
+        )
+        options = []
+        if remote.server_name:
+            options.append(("grpc.ssl_target_name_override", remote.server_name))
+        return grpc.secure_channel(remote.server, credentials, options=options)
+
+    def _failure(self, exc: grpc.RpcError) -> OtpgateError:
+        remote = self._remote
+        code = _status(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return _unreachable(remote, exc.details() if isinstance(exc, grpc.Call) else "")
+        failure = _rpc_error(exc, remote.server)
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            # The role or the revocation is the server's word; say whose certificate.
+            assert isinstance(failure, RpcFailed)
+            who = "" if repr(remote.name) in str(failure) else f"certificate {remote.name!r}, "
+            return RpcFailed(failure.kind, f"{failure} ({who}otpgated at {remote.server})")
+        return failure
+
+
+# gRPC's words (1.85) for a connection that never was, and for the server's
+# certificate refused here; anything else that ends a TLS connection before an
+# answer is most often the server refusing this client's certificate.
+_NO_CONNECTION = ("Connection refused", "DNS resolution failed", "No route to host",
+                  "Network is unreachable", "Failed to connect to remote host")  # fmt: skip
+_SERVER_REFUSED_HERE = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification", "verification check")
+
+
+def _unreachable(remote: Remote, details: str) -> ClientError:
+    details = details or "no details"
+    where = f"the otpgated at {remote.server}"
+    if any(words in details for words in _NO_CONNECTION):
+        return ClientError(f"{where} could not be reached: {details}")
+    if any(words in details for words in _SERVER_REFUSED_HERE):
+        return ClientError(
+            f"{where} could not be trusted: its certificate must chain to {remote.ca_file} "
+            f"and name the host of --server (or --tls-server-name): {details}"
+        )
+    return ClientError(
+        f"{where} could not be reached or refused the certificate {remote.cert_file} "
+        f"(not from the CA it trusts, or expired?): {details}"
+    )
+
 
 def _renew_request(
     user: str, otp_digits: int, interval: int, pending: bool
@@ -372,6 +457,9 @@ class SelfServiceClient(_Transport):
         raise needs_admin(self._command, self._admin_socket)
 
     def import_secrets(self, accounts: list[pb.ImportedAccount], *, dry_run: bool) -> list[str]:
+        raise needs_admin(self._command, self._admin_socket)
+
+    def explain_access(self, user: str, rhost: str) -> pb.ExplainAccessResponse:
         raise needs_admin(self._command, self._admin_socket)
 
     # -- the caller's own account -------------------------------------------------------

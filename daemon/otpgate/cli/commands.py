@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otpgate.cli import qr
-from otpgate.cli.client import Client, Verification, admin_group, current_user
+from otpgate.cli.client import Client, RpcFailed, Verification, admin_group, current_user
 from otpgate.core import imports
 from otpgate.core.settings import (
     DIGITS_BOUNDS,
@@ -79,6 +79,9 @@ class SecretUnset(Result):
 @dataclasses.dataclass(frozen=True)
 class UserShown(Result):
     user: pb.UserEntry
+    # What the access policy decides for a login of this account (admins only): from
+    # --from's address, or from one no exempt network holds.
+    access: pb.ExplainAccessResponse | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +212,22 @@ def _parse_issuer(key: str, text: str) -> str:
         ) from None
 
 
+def _parse_list(key: str, text: str) -> pb.StringList:
+    # Comma-separated; otpgated checks each entry (and says which, naming the key).
+    if text == "":
+        return pb.StringList()  # KEY= clears the list
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise InvalidArgument(
+            key, f"an empty entry in {text!r}: separate entries with one comma, or KEY= to clear"
+        )
+    return pb.StringList(values=items)
+
+
+def _parse_text(key: str, text: str) -> str:
+    return text  # checked by otpgated (enrollment_deadline: YYYY-MM-DD, or empty)
+
+
 # CLI key -> (UpdateConfigRequest field, parser).
 UPDATE_KEYS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "enabled": ("enabled", _parse_bool),
@@ -220,6 +239,10 @@ UPDATE_KEYS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "enrollment_policy": ("enrollment_policy", _parse_policy),
     "lockout_threshold": ("lockout_threshold", _parse_uint),
     "lockout_seconds": ("lockout_seconds", _parse_uint),
+    "exempt_networks": ("exempt_networks", _parse_list),
+    "exempt_groups": ("exempt_groups", _parse_list),
+    "required_groups": ("required_groups", _parse_list),
+    "enrollment_deadline": ("enrollment_deadline", _parse_text),
 }
 
 
@@ -236,7 +259,11 @@ def update_request(assignments: Sequence[str]) -> pb.UpdateConfigRequest:
             raise InvalidArgument(key, "given twice")
         seen.add(key)
         field, parse = UPDATE_KEYS[key]
-        setattr(request, field, parse(key, value))
+        parsed = parse(key, value)
+        if isinstance(parsed, pb.StringList):
+            getattr(request, field).CopyFrom(parsed)  # set, even when empty (a clear)
+        else:
+            setattr(request, field, parsed)
     return request
 
 
@@ -459,7 +486,26 @@ def recovery_codes(client: Client, args: argparse.Namespace) -> RecoveryCodesMad
 
 
 def user_show(client: Client, args: argparse.Namespace) -> UserShown:
-    return UserShown(client.get_user(user_argument(args.user)))
+    user = user_argument(args.user)
+    rhost = args.from_address
+    if rhost is not None and not rhost:
+        raise InvalidArgument(
+            "--from", "must not be empty (leave it out for an address no exempt network holds)"
+        )
+    entry = client.get_user(user)
+    try:
+        access = client.explain_access(user, rhost or "")
+    except (PermissionDenied, RpcFailed) as exc:
+        # Only an admin (or a role that may read the settings) is told; without
+        # --from the rest of the account is still shown to anyone who may see it.
+        refused = isinstance(exc, PermissionDenied) or exc.kind in (
+            "PermissionDenied",
+            "Unimplemented",  # an otpgated from before the access policy
+        )
+        if rhost is not None or not refused:
+            raise
+        access = None
+    return UserShown(entry, access)
 
 
 def user_list(client: Client, args: argparse.Namespace) -> UsersListed:
@@ -518,14 +564,25 @@ def _doctor_daemon(client: Client, admin_socket: str) -> list[str]:
         problems.append(f"daemon: no PAM socket at {pam_socket}: every login would be refused")
     if settings is None:
         return [*problems, unreachable]
-    if settings.enabled and settings.services.ssh:
-        admins, any_enrolled = _admins_enrolled(users, admin_socket)
-        if not any_enrolled:
-            problems.append(
-                "daemon: 2FA is on for SSH but no administrator is enrolled "
-                f"({', '.join(admins)}): enroll one with `otpgate renew-secret USER`, "
-                "then `otpgate confirm USER CODE`"
-            )
+    ssh_on = settings.enabled and settings.services.ssh
+    admins, any_enrolled = _admins_enrolled(users, admin_socket)
+    if ssh_on and not any_enrolled:
+        problems.append(
+            "daemon: 2FA is on for SSH but no administrator is enrolled "
+            f"({', '.join(admins)}): enroll one with `otpgate renew-secret USER`, "
+            "then `otpgate confirm USER CODE`"
+        )
+    problems += ssh_doctor.check_policy(
+        ssh_on=ssh_on,
+        required=settings.enrollment_policy == pb.ENROLLMENT_POLICY_REQUIRED,
+        exempt_networks=settings.exempt_networks,
+        exempt_groups=settings.exempt_groups,
+        required_groups=settings.required_groups,
+        deadline=settings.enrollment_deadline,
+        enrolled=(u.username for u in users),
+        admins=admins,
+        directory=ssh_doctor.Directory.from_nss(),
+    )
     return problems
 
 
@@ -546,11 +603,22 @@ def lockout_risk(client: Client, admin_socket: str) -> str | None:
         return f"otpgated is not reachable: {exc}; with fail=secure every login would be refused"
     if not (settings.enabled and settings.services.ssh):
         return None
-    if settings.enrollment_policy != pb.ENROLLMENT_POLICY_REQUIRED:
-        return None
     admins, any_enrolled = _admins_enrolled(users, admin_socket)
     if any_enrolled:
         return None
+    if settings.enrollment_policy != pb.ENROLLMENT_POLICY_REQUIRED:
+        # Optional, but each admin in a required group: refused all the same.
+        directory = ssh_doctor.Directory.from_nss()
+        required: set[str] = set()
+        for group in settings.required_groups:
+            required |= directory.members(group) or set()
+        if not admins or not set(admins) <= required:
+            return None
+        return (
+            f"no administrator ({', '.join(admins)}) is enrolled and each is in a required "
+            f"group ({', '.join(settings.required_groups)}): every admin would be locked out "
+            "(otpgate renew-secret USER)"
+        )
     return (
         f"2FA is required for SSH and no administrator ({', '.join(admins)}) is enrolled: "
         "every admin would be locked out (otpgate renew-secret USER)"

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from otpgate import __version__
-from otpgate.cli import commands, qr, render
+from otpgate.cli import commands, qr, remote, render
+from otpgate.cli import pki as pki_cli
 from otpgate.cli.client import RpcFailed, connect
 from otpgate.cli.commands import EXIT_ERROR, Result
 from otpgate.cli.prompts import Secrets, StdinSecrets, TerminalSecrets
@@ -53,7 +54,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help=f"daemon socket (default $OTPGATE_SOCKET or {DEFAULT_SOCKET})",
+        help=f"daemon socket (default $OTPGATE_SOCKET or {DEFAULT_SOCKET}); given, it also "
+        "wins over the profile's server",
+    )
+    common.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help="a central otpgated's network listener, over mutual TLS, instead of a socket: "
+        "the admin commands as your certificate's role allows (doctor and setup ssh stay "
+        "local). Default: `server` in $XDG_CONFIG_HOME/otpgate/remote.toml (else "
+        "~/.config/otpgate/remote.toml) unless --socket or $OTPGATE_SOCKET is given; that "
+        "profile may also set tls_ca, tls_cert, tls_key and tls_server_name, paths relative "
+        "to it; flags win",
+    )
+    common.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="with --server: the CA (PEM) otpgated's certificate must chain to",
+    )
+    common.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="with --server: your client certificate (PEM), e.g. from `otpgate pki issue`",
+    )
+    common.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="with --server: its private key (PEM, unencrypted; refused when others may "
+        "read it: chmod 600)",
+    )
+    common.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="with --server: the name to check in otpgated's certificate instead of HOST "
+        "(when HOST is an address the certificate does not name)",
     )
     common.add_argument(
         "--password-stdin",
@@ -343,10 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
         commands.user_show,
         "one account's 2FA state (default: yours)",
         "One account's NSS facts and 2FA state (default: yours): its secret's digits and "
-        "interval, wrong codes in a row, and how long a lock has left.",
+        "interval, wrong codes in a row, and how long a lock has left. For an admin, also "
+        "whether an SSH login would be asked for a code, and why (the access policy: "
+        "exempt_networks, exempt_groups, required_groups, enrollment_policy and "
+        "enrollment_deadline).",
         full_name="user show",
     )
     show.add_argument("user", nargs="?", metavar="USER")
+    show.add_argument(
+        "--from",
+        dest="from_address",
+        metavar="ADDR",
+        help="explain a login from this source address (PAM_RHOST: an IP address or a "
+        "host name); default: an address that no exempt network holds",
+    )
     command(
         user_commands,
         "list",
@@ -355,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every enrolled account, by username: digits, interval, wrong codes, lock.",
         full_name="user list",
     )
+    pki_cli.add_parser(commands_, command)  # files only: run without a daemon (main)
     return parser
 
 
@@ -373,6 +423,7 @@ def _timeout(value: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
+    socket_given = bool(getattr(args, "socket", None))  # before the default (cli.remote)
     args.socket = (
         getattr(args, "socket", None) or os.environ.get("OTPGATE_SOCKET") or DEFAULT_SOCKET
     )
@@ -380,8 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         StdinSecrets() if getattr(args, "password_stdin", False) else TerminalSecrets()
     )
     try:
+        if hasattr(args, "offline_handler"):  # otpgate pki: needs no daemon, so no connect
+            return _present(args.offline_handler(args), as_json=args.json)
         timeout = _timeout(getattr(args, "timeout", DEFAULT_TIMEOUT))
-        client = connect(args.socket, timeout, command=args.command_name, secrets=secrets)
+        target = remote.choose(
+            args, os.environ, socket_given=socket_given, command=args.command_name
+        )
+        client = connect(
+            args.socket, timeout, command=args.command_name, secrets=secrets, remote=target
+        )
         try:
             result: Result = args.handler(client, args)
         finally:

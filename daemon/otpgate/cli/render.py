@@ -120,6 +120,13 @@ def _(result: ConfigShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
     ssh = data.pop("services")["ssh"]
     effective = data.pop("effective_issuer")
     data["issuer"] = data["issuer"] or f"{effective} (daemon default)"
+    for key in ("exempt_networks", "exempt_groups", "required_groups"):
+        data[key] = ",".join(data[key]) or "none"
+    data["enrollment_deadline"] = (
+        f"{data['enrollment_deadline']} (end of the day, UTC)"
+        if data["enrollment_deadline"]
+        else "none"
+    )
     pairs = list(data.items())
     pairs.insert(2, ("services.ssh", ssh))
     _pairs(pairs, out)
@@ -306,6 +313,8 @@ def _(result: RecoveryCodesMade, *, as_json: bool, out: TextIO, err: TextIO) -> 
 def _(result: UserShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
     data = message_dict(result.user)
     if as_json:
+        if result.access is not None:  # told to admins only
+            data["access"] = message_dict(result.access)
         _json(data, out)
         return
     twofactor = data.pop("twofactor_config")
@@ -318,7 +327,21 @@ def _(result: UserShown, *, as_json: bool, out: TextIO, err: TextIO) -> None:
     enrolled = data["twofactor_auth_configured"]
     data["twofactor_interval"] = twofactor["interval"] if enrolled else "none (not enrolled)"
     data["twofactor_otp_digits"] = twofactor["otp_digits"] if enrolled else "none (not enrolled)"
+    if result.access is not None:
+        data["access"] = result.access.explanation
+        data["access_groups"] = _access_groups(result.access)
     _pairs(list(data.items()), out)
+
+
+def _access_groups(access: pb.ExplainAccessResponse) -> str:
+    """Whether the group rules apply to the account, whatever the address."""
+    parts = []
+    if access.required_groups:
+        parts.append(f"required group {','.join(access.required_groups)}: always asked")
+    if access.exempt_groups:
+        overridden = " (overridden)" if access.required_groups else ""
+        parts.append(f"exempt group {','.join(access.exempt_groups)}{overridden}")
+    return "; ".join(parts) or "in no exempt or required group"
 
 
 @render.register

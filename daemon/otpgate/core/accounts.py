@@ -4,6 +4,7 @@ core.ports.AccountLookup and AccountDetailsLookup, and the check of a name."""
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import pwd
 import re
@@ -18,6 +19,7 @@ from otpgate.errors import InvalidArgument
 # POSIX portable names plus what directory services use (user@realm, DOMAIN\user).
 _USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\\-]{0,255}\$?")
 _LOCAL_PASSWD = "/etc/passwd"
+_LOCAL_GROUP = "/etc/group"
 _ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Account))
 
 
@@ -61,14 +63,84 @@ def account_details(account: Account) -> AccountDetails:
     )
 
 
-def passwd_file_stamp() -> Hashable:
-    """What changes whenever /etc/passwd is rewritten (useradd, userdel, usermod, vipw
-    all replace or rewrite it); None when it cannot be read."""
+def group_names(account: Account) -> frozenset[str]:
+    """The names of the account's groups (NSS: its group list, then each group's
+    name); a gid without a name is left out."""
     try:
-        info = os.stat(_LOCAL_PASSWD)
+        gids = set(os.getgrouplist(account.username, account.gid))
+    except OSError:
+        gids = {account.gid}
+    names = set()
+    for gid in gids:
+        try:
+            names.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return frozenset(names)
+
+
+def _stamp(path: str) -> Hashable:
+    try:
+        info = os.stat(path)
     except OSError:
         return None
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def group_files_stamp() -> Hashable:
+    """What changes whenever /etc/group or /etc/passwd (the primary group) is
+    rewritten; None when either cannot be read."""
+    group, passwd = _stamp(_LOCAL_GROUP), _stamp(_LOCAL_PASSWD)
+    return None if group is None or passwd is None else (group, passwd)
+
+
+class CachedGroupNames:
+    """group_names answers reused for at most `ttl` seconds, dropped when /etc/group
+    or /etc/passwd changes (usermod -aG, groupadd, gpasswd rewrite them), keyed by
+    the account's name, uid and primary gid. As CachedAccountLookup: a directory
+    group is seen within `ttl`, as sssd and nscd keep theirs for minutes."""
+
+    def __init__(
+        self,
+        lookup: Callable[[Account], frozenset[str]] = group_names,
+        *,
+        ttl: float = 5.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+        stamp: Callable[[], Hashable] = group_files_stamp,
+    ) -> None:
+        self._lookup = lookup
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._stamp = stamp
+        self._lock = threading.Lock()
+        self._seen_stamp: Hashable = None
+        self._entries: dict[tuple[str, int, int], tuple[float, frozenset[str]]] = {}
+
+    def __call__(self, account: Account) -> frozenset[str]:
+        key = (account.username, account.uid, account.gid)
+        now = self._clock()
+        stamp = self._stamp()
+        with self._lock:
+            if stamp is None or stamp != self._seen_stamp:
+                self._entries.clear()
+                self._seen_stamp = stamp
+            elif (hit := self._entries.get(key)) is not None and now < hit[0]:
+                return hit[1]
+        names = self._lookup(account)
+        with self._lock:
+            if stamp is not None and stamp == self._seen_stamp:
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+                self._entries[key] = (now + self._ttl, names)
+        return names
+
+
+def passwd_file_stamp() -> Hashable:
+    """What changes whenever /etc/passwd is rewritten (useradd, userdel, usermod, vipw
+    all replace or rewrite it); None when it cannot be read."""
+    return _stamp(_LOCAL_PASSWD)
 
 
 class CachedAccountLookup:

@@ -34,6 +34,13 @@ class AccountDetailsLookup(Protocol):
     def __call__(self, account: Account) -> AccountDetails: ...
 
 
+class GroupNamesLookup(Protocol):
+    """The names of every group the account is in, its primary group included.
+    Asked at a login only while a group rule of the access policy is set."""
+
+    def __call__(self, account: Account) -> frozenset[str]: ...
+
+
 class PasswordChecker(Protocol):
     def __call__(self, username: str, password: str) -> PasswordResult: ...
 

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from otpgate.core import audit, lockout, recovery, totp
-from otpgate.core.accounts import account_details, check_username, lookup_account
+from otpgate.core import audit, lockout, policy, recovery, totp
+from otpgate.core.accounts import account_details, check_username, group_names, lookup_account
 from otpgate.core.crypto import Keyring, account_binding
-from otpgate.core.ports import AccountDetailsLookup, AccountLookup, Store
+from otpgate.core.ports import AccountDetailsLookup, AccountLookup, GroupNamesLookup, Store
 from otpgate.core.records import ANY_SECRET, Account, AccountDetails, SecretRecord
 from otpgate.core.settings import DIGITS_BOUNDS, INTERVAL_BOUNDS, Settings, check_int
 from otpgate.errors import (
@@ -120,6 +120,7 @@ class TwoFactorService:
         accounts: AccountLookup = lookup_account,
         accounts_for_enrollment: AccountLookup | None = None,
         details: AccountDetailsLookup = account_details,
+        groups: GroupNamesLookup = group_names,
         clock: Clock = time.time,
     ) -> None:
         self._store = store
@@ -131,6 +132,7 @@ class TwoFactorService:
         # (`accounts` may be one) that could still hold a recreated account's old uid.
         self._accounts_for_enrollment = accounts_for_enrollment or accounts
         self._details = details
+        self._groups = groups
         self._clock = clock
         self.check_key()
         self._recovery_key = self._load_recovery_key()
@@ -330,6 +332,33 @@ class TwoFactorService:
         account = self._account(username)
         record = self._record_for(account)
         return Enrollment(account, record, self._locked_seconds(record))
+
+    def group_names(self, account: Account) -> frozenset[str]:
+        """The account's group names (NSS), for the access policy's group rules."""
+        return self._groups(account)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def explain_access(
+        self, username: str, *, rhost: str, pam_service: str
+    ) -> tuple[policy.Access, frozenset[str]]:
+        """What the access policy decides for a login of this (existing) account
+        from `rhost` through `pam_service`, as the PAM gate decides it; and the
+        account's group names (empty unless a group list is set)."""
+        state = self.enrollment(username)
+        settings = self.get_config()
+        groups = self.group_names(state.account) if policy.uses_groups(settings) else frozenset()
+        access = policy.decide(
+            settings,
+            covered=policy.covers(settings, pam_service),
+            known=True,
+            enrolled=state.record is not None,
+            groups=lambda: groups,
+            rhost=rhost,
+            now=self._clock(),
+        )
+        return access, groups
 
     def get_user(self, username: str) -> UserView:
         account = self._account(username)

@@ -10,12 +10,14 @@ import grpc
 from otpgate.core.service import ImportEntry, TwoFactorService
 from otpgate.errors import InvalidArgument
 from otpgate.server.messages import (
+    access_to_pb,
     changes_from_pb,
     config_to_pb,
     user_to_pb,
     verification_to_pb,
 )
 from otpgate.server.network import Guard
+from otpgate.server.pam import bad_service
 from otpgate.server.rpc import rpc
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
@@ -137,6 +139,26 @@ class AdminServicer(pb_grpc.TwoFactorAdminServicer):
         if len(events) == size:
             reply.next_page_token = str(events[-1].id)
         return reply
+
+    @rpc
+    def ExplainAccess(
+        self, request: pb.ExplainAccessRequest, context: grpc.ServicerContext
+    ) -> pb.ExplainAccessResponse:
+        service = request.service or "sshd"
+        if bad_service(service):
+            raise InvalidArgument("service", "must be 1 to 64 printable ASCII characters")
+        rhost = request.rhost
+        if len(rhost) > 256 or not (rhost.isascii() and rhost.isprintable()):
+            raise InvalidArgument("rhost", "must be at most 256 printable ASCII characters")
+        access, groups = self._service.explain_access(
+            request.username, rhost=rhost, pam_service=service
+        )
+        settings = self._service.get_config()
+        return access_to_pb(
+            access,
+            exempt_groups=[g for g in settings.exempt_groups if g in groups],
+            required_groups=[g for g in settings.required_groups if g in groups],
+        )
 
     @rpc
     def RotateKey(

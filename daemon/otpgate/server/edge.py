@@ -210,15 +210,22 @@ class EdgePamServicer(pb_grpc.PamGateServicer):
             return pb.PamDecision(verdict=pb.VERDICT_DENY)
         try:
             check: pb.PamDecision = self._upstreams.call(
-                "Check", pb.PamRequest(username=request.username, service=request.service)
+                "Check",
+                pb.PamRequest(
+                    username=request.username, service=request.service, rhost=request.rhost
+                ),
+                retry_unavailable=True,
             )
         except StoreUnavailable as exc:
             log.warning("upstream_unavailable method=Check: %s", exc)
             return pb.PamDecision(verdict=pb.VERDICT_UNAVAILABLE)
+        if check.verdict == pb.VERDICT_UNAVAILABLE:
+            return check  # no central's database answered: the hook's fail mode decides
         authtok = request.authtok
         if check.verdict == pb.VERDICT_NOT_REQUIRED:
+            # The message, if any, is the enrollment grace's hint (core.gate).
             return (
-                pb.PamDecision(verdict=pb.VERDICT_ALLOW)
+                pb.PamDecision(verdict=pb.VERDICT_ALLOW, message=check.message)
                 if self._right(request.username, authtok)
                 else wrong
             )

@@ -8,7 +8,9 @@ codes) only with a grant, which only a right code (or recovery code) of the
 account's current secret gives, checked here, a moment before, for that account
 and that host certificate. A host never reads a secret in use; it never replaces
 one at once (a pending secret leaves the current one working until it is
-confirmed with a code from the new one).
+confirmed with a code from the new one). A grant is over the secret it was
+proven against, up to the confirmation: an administrator's renewal or removal in
+between voids it and the pending secret made with it (Bases).
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ import grpc
 from otpgate.core.crypto import Sealed
 from otpgate.core.gate import Decision, Gate, Verdict
 from otpgate.core.ports import PasswordChecker
-from otpgate.core.service import TwoFactorService
-from otpgate.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from otpgate.core.service import PENDING_SECONDS, TwoFactorService
+from otpgate.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SecretChanged,
+)
 from otpgate.server.messages import user_to_pb, verification_to_pb
 from otpgate.server.network import Guard
 from otpgate.server.pam import bad_service, decide, pam_decision, safe_rhost
@@ -90,6 +98,44 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
+class Bases:
+    """For each pending secret made here with a grant: the secret the grant was
+    proven against, which its confirmation may replace only if still in use."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._bases: dict[str, tuple[Sealed, float]] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, username: str, sealed: Sealed) -> None:
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, (_, expires) in self._bases.items() if expires <= now]:
+                del self._bases[key]
+            self._bases.pop(username, None)
+            while len(self._bases) >= MAX_GRANTS:
+                del self._bases[next(iter(self._bases))]
+            self._bases[username] = (sealed, now + PENDING_SECONDS)
+
+    def recall(self, username: str) -> Sealed | None:
+        """The secret proven for the account's pending secret, or None (not made
+        here, or too long ago to be remembered)."""
+        with self._lock:
+            entry = self._bases.get(username)
+        return entry[0] if entry is not None and entry[1] > self._clock() else None
+
+    def forget(self, username: str) -> None:
+        with self._lock:
+            self._bases.pop(username, None)
+
+
+def _changed(username: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"{username}'s secret changed since the code was proven: prove a code of the "
+        "current secret and renew again"
+    )
+
+
 class HostGateServicer(pb_grpc.HostGateServicer):
     def __init__(
         self,
@@ -97,11 +143,15 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         passwords: PasswordChecker,
         guard: Guard,
         grants: Grants | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._service = service
         self._gate = Gate(service, passwords)
         self._guard = guard
         self._grants = grants or Grants()
+        self._bases = Bases()
+        self._clock = clock  # the service's: the store's times are in its seconds
 
     def _host(self, context: grpc.ServicerContext) -> str:
         identity = self._guard.identify(context)
@@ -121,7 +171,10 @@ class HostGateServicer(pb_grpc.HostGateServicer):
     def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if bad_service(request.service):
             return pam_decision(Decision(Verdict.DENY))
-        reply = decide(lambda: self._gate.check(request.username, request.service))
+        # rhost is the edge's word: a hostile edge that claims an exempt network
+        # spares its own logins a code, which its root can let in anyway; it gains
+        # nothing elsewhere (no grant without a right code).
+        reply = decide(lambda: self._gate.check(request.username, request.service, request.rhost))
         if reply.verdict == pb.VERDICT_OTP_REQUIRED:
             reply.otp_digits = self._digits(request.username)
         return reply
@@ -137,7 +190,11 @@ class HostGateServicer(pb_grpc.HostGateServicer):
     def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if bad_service(request.service):
             return pam_decision(Decision(Verdict.DENY))
-        return decide(lambda: self._gate.verify(request.username, request.service, request.authtok))
+        return decide(
+            lambda: self._gate.verify(
+                request.username, request.service, request.authtok, request.rhost
+            )
+        )
 
     @rpc
     def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserEntry:
@@ -165,31 +222,65 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         self, request: pb.HostRenewSecretRequest, context: grpc.ServicerContext
     ) -> pb.UserEntry:
         grant = self._grants.take(request.grant, self._host(context), request.username)
+        proven = self._still_proven(request.username, grant)
         options = request.twofactor_options
         view = self._service.renew_secret(
             request.username,
             otp_digits=options.otp_digits or None,
             interval=options.interval or None,
-            expected=grant.sealed,
             pending=True,
         )
+        # A pending secret is put beside any secret (renew_secret checks no
+        # `expected` then): its confirmation is the compare-and-set.
+        self._bases.remember(request.username, proven)
         return user_to_pb(view)
+
+    def _still_proven(self, username: str, grant: _Grant) -> Sealed:
+        """The secret the grant was proven against, if the account still has it."""
+        record = self._service.enrollment(username).record
+        if record is None or grant.sealed is None or record.sealed != grant.sealed:
+            raise _changed(username)
+        return record.sealed
 
     @rpc
     def ConfirmSecret(
         self, request: pb.ConfirmSecretRequest, context: grpc.ServicerContext
     ) -> pb.UserEntry:
-        # The code of the pending secret is the proof: whoever renewed it knows it.
-        return user_to_pb(self._service.confirm_secret(request.username, request.token))
+        # The code of the pending secret shows its owner holds it; that it may
+        # replace the secret in use is what the grant it was made with showed, for
+        # that secret only (compare-and-set, as user.sock's confirmation over the
+        # session's secret).
+        username = request.username
+        expected = self._bases.recall(username) or self._older_than_pending(username)
+        try:
+            view = self._service.confirm_secret(username, request.token, expected=expected)
+        except SecretChanged:
+            self._bases.forget(username)
+            raise _changed(username) from None
+        self._bases.forget(username)
+        return user_to_pb(view)
+
+    def _older_than_pending(self, username: str) -> Sealed | None:
+        """For a pending secret not made here (an administrator's, another
+        central's, or made before a restart): the secret in use, only if it was
+        set before the pending secret was made. One set at or after it (an
+        administrator's renewal) is not the pending secret's to replace."""
+        before = int(self._clock())
+        view = self._service.get_user(username)
+        record = view.record
+        if record is None or not view.pending_expires_in:
+            return None if record is None else record.sealed  # confirm_secret refuses
+        # At most the second the pending secret was made (it waits PENDING_SECONDS
+        # from then): a same-second tie counts as "at or after".
+        made = before + view.pending_expires_in - PENDING_SECONDS
+        if record.created_at >= made:
+            raise _changed(username)
+        return record.sealed
 
     @rpc
     def MakeRecoveryCodes(
         self, request: pb.HostGrantRequest, context: grpc.ServicerContext
     ) -> pb.RecoveryCodes:
         grant = self._grants.take(request.grant, self._host(context), request.username)
-        record = self._service.enrollment(request.username).record
-        if record is None or grant.sealed is None or record.sealed != grant.sealed:
-            raise FailedPrecondition(
-                f"{request.username}'s secret changed since the code was proven: prove again"
-            )
+        self._still_proven(request.username, grant)
         return pb.RecoveryCodes(codes=self._service.make_recovery_codes(request.username))

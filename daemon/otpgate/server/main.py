@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from otpgate import __version__
-from otpgate.core.accounts import CachedAccountLookup, lookup_account
+from otpgate.core.accounts import CachedAccountLookup, CachedGroupNames, lookup_account
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.paths import prepare_dir
@@ -430,6 +430,7 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
             default_issuer=config.issuer or os.uname().nodename,
             accounts=CachedAccountLookup(),
             accounts_for_enrollment=lookup_account,
+            groups=CachedGroupNames(),
         )
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
         admin.add(_service("TwoFactorAdmin"), AdminServicer(service))

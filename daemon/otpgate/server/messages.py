@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from otpgate.core.policy import Access, Reason
 from otpgate.core.service import UserView, Verification, VerifyResult
 from otpgate.core.settings import EnrollmentPolicy, Settings
 from otpgate.errors import InvalidArgument
@@ -23,6 +24,19 @@ RESULT_TO_PB = {
     VerifyResult.LOCKED: pb.VERIFY_RESULT_LOCKED,
 }
 
+REASON_TO_PB = {
+    Reason.NOT_COVERED: pb.ACCESS_REASON_NOT_COVERED,
+    Reason.ENROLLED: pb.ACCESS_REASON_ENROLLED,
+    Reason.REQUIRED_GROUP: pb.ACCESS_REASON_REQUIRED_GROUP,
+    Reason.EXEMPT_GROUP: pb.ACCESS_REASON_EXEMPT_GROUP,
+    Reason.EXEMPT_NETWORK: pb.ACCESS_REASON_EXEMPT_NETWORK,
+    Reason.NOT_ENROLLED_OPTIONAL: pb.ACCESS_REASON_NOT_ENROLLED_OPTIONAL,
+    Reason.ENROLLMENT_GRACE: pb.ACCESS_REASON_ENROLLMENT_GRACE,
+    Reason.NOT_ENROLLED: pb.ACCESS_REASON_NOT_ENROLLED,
+}
+# An explained account exists (ExplainAccess answers NOT_FOUND otherwise).
+assert set(REASON_TO_PB) == set(Reason) - {Reason.UNKNOWN_ACCOUNT}
+
 # UpdateConfigRequest field -> Settings attribute.
 _UPDATE_FIELDS = {
     "enabled": "enabled",
@@ -33,7 +47,10 @@ _UPDATE_FIELDS = {
     "issuer": "issuer",
     "lockout_threshold": "lockout_threshold",
     "lockout_seconds": "lockout_seconds",
+    "enrollment_deadline": "enrollment_deadline",
 }
+# UpdateConfigRequest StringList fields, each replacing the Settings list of its name.
+_UPDATE_LISTS = ("exempt_networks", "exempt_groups", "required_groups")
 
 
 def config_to_pb(settings: Settings, effective_issuer: str) -> pb.TwoFactorConfig:
@@ -48,6 +65,10 @@ def config_to_pb(settings: Settings, effective_issuer: str) -> pb.TwoFactorConfi
         enrollment_policy=POLICY_TO_PB[settings.enrollment_policy],
         lockout_threshold=settings.lockout_threshold,
         lockout_seconds=settings.lockout_seconds,
+        exempt_networks=settings.exempt_networks,
+        exempt_groups=settings.exempt_groups,
+        required_groups=settings.required_groups,
+        enrollment_deadline=settings.enrollment_deadline,
     )
 
 
@@ -62,7 +83,26 @@ def changes_from_pb(request: pb.UpdateConfigRequest) -> dict[str, Any]:
         if policy is None:
             raise InvalidArgument("enrollment_policy", "must be OPTIONAL or REQUIRED")
         changes["enrollment_policy"] = policy
+    for field in _UPDATE_LISTS:
+        if request.HasField(field):  # type: ignore[arg-type]
+            changes[field] = list(getattr(request, field).values)
     return changes
+
+
+def access_to_pb(
+    access: Access, *, exempt_groups: list[str], required_groups: list[str]
+) -> pb.ExplainAccessResponse:
+    return pb.ExplainAccessResponse(
+        asked=access.asked,
+        refused=access.refused,
+        reason=REASON_TO_PB[access.reason],
+        matched=access.matched,
+        grace_until=access.grace_until,
+        overridden=access.overridden,
+        explanation=access.explanation,
+        exempt_groups=exempt_groups,
+        required_groups=required_groups,
+    )
 
 
 def user_to_pb(view: UserView) -> pb.UserEntry:

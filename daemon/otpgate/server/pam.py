@@ -72,13 +72,17 @@ class PamServicer(pb_grpc.PamGateServicer):
     def Check(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if bad_service(request.service):
             return pam_decision(Decision(Verdict.DENY))
-        return decide(lambda: self._gate.check(request.username, request.service))
+        return decide(lambda: self._gate.check(request.username, request.service, request.rhost))
 
     @rpc
     def Verify(self, request: pb.PamRequest, context: grpc.ServicerContext) -> pb.PamDecision:
         if bad_service(request.service):
             return pam_decision(Decision(Verdict.DENY))
-        return decide(lambda: self._gate.verify(request.username, request.service, request.authtok))
+        return decide(
+            lambda: self._gate.verify(
+                request.username, request.service, request.authtok, request.rhost
+            )
+        )
 
     @rpc
     def VerifySinglePrompt(
@@ -88,6 +92,6 @@ class PamServicer(pb_grpc.PamGateServicer):
             return pam_decision(Decision(Verdict.DENY))
         return decide(
             lambda: self._gate.verify_single_prompt(
-                request.username, request.service, request.authtok
+                request.username, request.service, request.authtok, request.rhost
             )
         )

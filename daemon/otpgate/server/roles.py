@@ -24,7 +24,8 @@ def _methods(service: object, names: set[str] | None = None) -> frozenset[str]:
     return frozenset(f"/{service.full_name}/{m}" for m in chosen)  # type: ignore[attr-defined]
 
 
-_READ = {"GetConfig", "GetUser", "ListUsers"}
+# ExplainAccess reads only what GetConfig and GetUser show, put together.
+_READ = {"GetConfig", "GetUser", "ListUsers", "ExplainAccess"}
 
 # Every method a role may call, by gRPC's full name ("/package.Service/Method").
 ROLE_METHODS: dict[str, frozenset[str]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import ipaddress
 import os
 import pwd
 import shlex
@@ -216,6 +217,132 @@ def unenrolled_admins(enrolled: Iterable[str], admin_group: str) -> tuple[list[s
         admins.update(p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid)
     enrolled_set = set(enrolled)
     return sorted(admins), bool(admins & enrolled_set)
+
+
+# -- the access policy ---------------------------------------------------------------
+
+# Narrower than these, a network is a site's; wider, it holds much of the Internet
+# (an IPv4 /8 is a 10.0.0.0/8, an IPv6 /16 covers a continent's allocations).
+_WIDE_PREFIX = {4: 8, 6: 16}
+_CATCH_ALL_GROUPS = ("users", "domain users")
+_FIRST_HUMAN_UID, _NOBODY_UID = 1000, 65534
+_NAMES_SHOWN = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Directory:
+    """Accounts and groups as NSS enumerates them (the local files; a directory
+    service may enumerate none of its own)."""
+
+    accounts: tuple[tuple[str, int, int], ...]  # name, uid, primary gid
+    groups: dict[str, tuple[int, tuple[str, ...]]]  # name -> gid, listed members
+
+    @classmethod
+    def from_nss(cls) -> Directory:
+        return cls(
+            tuple((p.pw_name, p.pw_uid, p.pw_gid) for p in pwd.getpwall()),
+            {g.gr_name: (g.gr_gid, tuple(g.gr_mem)) for g in grp.getgrall()},
+        )
+
+    def members(self, group: str) -> set[str] | None:
+        """Who is in `group` (listed, or by primary group); None: no such group."""
+        if group not in self.groups:
+            return None
+        gid, listed = self.groups[group]
+        return set(listed) | {name for name, _, primary in self.accounts if primary == gid}
+
+    def people(self) -> set[str]:
+        return {name for name, uid, _ in self.accounts if _FIRST_HUMAN_UID <= uid != _NOBODY_UID}
+
+
+def _names(names: Iterable[str]) -> str:
+    ordered = sorted(names)
+    more = len(ordered) - _NAMES_SHOWN
+    return ", ".join(ordered[:_NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def _have(names: set[str]) -> str:
+    return "has" if len(names) == 1 else "have"
+
+
+def wide_network(text: str) -> str | None:
+    """Why exempting `text` spares (nearly) everyone, or None."""
+    network = ipaddress.ip_network(text, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = ipaddress.IPv6Address(int(network.network_address)).ipv4_mapped
+        if mapped is not None:  # ::ffff:a.b.c.d/N is an IPv4 network (core.policy)
+            network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    if network.prefixlen == 0:
+        return f"{text} holds every IPv{network.version} address: no login over it is asked"
+    if network.prefixlen < _WIDE_PREFIX[network.version]:
+        return f"{text} is very wide (/{network.prefixlen}): it holds much of the Internet"
+    return None
+
+
+def check_policy(
+    *,
+    ssh_on: bool,
+    required: bool,
+    exempt_networks: Iterable[str],
+    exempt_groups: Iterable[str],
+    required_groups: Iterable[str],
+    deadline: str,
+    enrolled: Iterable[str],
+    admins: Iterable[str],
+    directory: Directory,
+) -> list[str]:
+    """What in the access policy exempts (nearly) everyone, matches nobody, or would
+    refuse administrators: one line each, as the other checks."""
+    problems = []
+    for text in exempt_networks:
+        why = wide_network(text)
+        if why is not None:
+            problems.append(f"policy: exempt_networks: {why}")
+    people = directory.people()
+    for group in exempt_groups:
+        members = directory.members(group)
+        if members is None:
+            continue  # reported below with the required groups
+        shared = members & people
+        if group in _CATCH_ALL_GROUPS or (len(people) >= 2 and 2 * len(shared) > len(people)):
+            problems.append(
+                f"policy: exempt_groups: {group} holds most accounts ({len(shared)} of "
+                f"{len(people)} with uid {_FIRST_HUMAN_UID} or more): none of them is asked "
+                "for a code"
+            )
+    for field, groups in (("exempt_groups", exempt_groups), ("required_groups", required_groups)):
+        for group in groups:
+            if directory.members(group) is None:
+                problems.append(
+                    f"policy: {field}: no group {group} here: the rule matches nobody "
+                    "(a directory group NSS cannot list is still matched at login)"
+                )
+    if deadline and not required:
+        problems.append(
+            f"policy: enrollment_deadline {deadline} does nothing while enrollment_policy is "
+            "optional"
+        )
+    if not ssh_on:
+        return problems
+    have_secret, admin_set = set(enrolled), set(admins)
+    for group in required_groups:
+        members = directory.members(group) or set()
+        stuck = members - have_secret
+        stuck_admins = stuck & admin_set
+        if stuck_admins:
+            every = " (every administrator)" if not (admin_set - stuck_admins) else ""
+            problems.append(
+                f"policy: required_groups: {group}: administrator"
+                f"{'' if len(stuck_admins) == 1 else 's'} {_names(stuck_admins)} "
+                f"{_have(stuck_admins)} no secret{every}: their SSH logins are refused, from "
+                "anywhere (otpgate renew-secret USER, then otpgate confirm USER CODE)"
+            )
+        elif stuck:
+            problems.append(
+                f"policy: required_groups: {group}: {_names(stuck)} {_have(stuck)} no secret: "
+                "their SSH logins are refused (otpgate renew-secret USER)"
+            )
+    return problems
 
 
 def sshd_effective_config(sshd: str, config_file: str | None) -> str:

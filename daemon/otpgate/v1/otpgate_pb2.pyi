@@ -95,6 +95,58 @@ VERIFY_RESULT_LOCKED: VerifyResult.ValueType  # 5
 """Too many wrong codes: refused without looking at the code."""
 Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
 
+class _AccessReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AccessReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccessReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACCESS_REASON_UNSPECIFIED: _AccessReason.ValueType  # 0
+    ACCESS_REASON_NOT_COVERED: _AccessReason.ValueType  # 1
+    """2FA does not cover the service now (enabled, services): no code."""
+    ACCESS_REASON_ENROLLED: _AccessReason.ValueType  # 2
+    """Enrolled: asked for a code."""
+    ACCESS_REASON_REQUIRED_GROUP: _AccessReason.ValueType  # 3
+    """A member of a required group (`matched`): asked; refused without a secret."""
+    ACCESS_REASON_EXEMPT_GROUP: _AccessReason.ValueType  # 4
+    """A member of an exempt group (`matched`): no code."""
+    ACCESS_REASON_EXEMPT_NETWORK: _AccessReason.ValueType  # 5
+    """From an exempt network (`matched`): no code."""
+    ACCESS_REASON_NOT_ENROLLED_OPTIONAL: _AccessReason.ValueType  # 6
+    """No secret under ENROLLMENT_POLICY_OPTIONAL: the first factor alone."""
+    ACCESS_REASON_ENROLLMENT_GRACE: _AccessReason.ValueType  # 7
+    """No secret under REQUIRED before enrollment_deadline has passed: the first
+    factor alone, with the enrollment hint, until grace_until.
+    """
+    ACCESS_REASON_NOT_ENROLLED: _AccessReason.ValueType  # 8
+    """No secret under REQUIRED: refused, told how to enroll."""
+
+class AccessReason(_AccessReason, metaclass=_AccessReasonEnumTypeWrapper):
+    """Why the access policy asks (or does not ask) a login for a code; see
+    TwoFactorConfig for the precedence.
+    """
+
+ACCESS_REASON_UNSPECIFIED: AccessReason.ValueType  # 0
+ACCESS_REASON_NOT_COVERED: AccessReason.ValueType  # 1
+"""2FA does not cover the service now (enabled, services): no code."""
+ACCESS_REASON_ENROLLED: AccessReason.ValueType  # 2
+"""Enrolled: asked for a code."""
+ACCESS_REASON_REQUIRED_GROUP: AccessReason.ValueType  # 3
+"""A member of a required group (`matched`): asked; refused without a secret."""
+ACCESS_REASON_EXEMPT_GROUP: AccessReason.ValueType  # 4
+"""A member of an exempt group (`matched`): no code."""
+ACCESS_REASON_EXEMPT_NETWORK: AccessReason.ValueType  # 5
+"""From an exempt network (`matched`): no code."""
+ACCESS_REASON_NOT_ENROLLED_OPTIONAL: AccessReason.ValueType  # 6
+"""No secret under ENROLLMENT_POLICY_OPTIONAL: the first factor alone."""
+ACCESS_REASON_ENROLLMENT_GRACE: AccessReason.ValueType  # 7
+"""No secret under REQUIRED before enrollment_deadline has passed: the first
+factor alone, with the enrollment hint, until grace_until.
+"""
+ACCESS_REASON_NOT_ENROLLED: AccessReason.ValueType  # 8
+"""No secret under REQUIRED: refused, told how to enroll."""
+Global___AccessReason: _TypeAlias = AccessReason  # noqa: Y015
+
 class _Verdict:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -108,7 +160,9 @@ class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verdict.Value
     VERDICT_DENY: _Verdict.ValueType  # 2
     """Wrong code or password, replay, or policy: keep out."""
     VERDICT_NOT_REQUIRED: _Verdict.ValueType  # 3
-    """No code needed for this account and service now: let in without one."""
+    """No code needed for this account and service now: let in without one. A
+    message, when there is one, is shown (the enrollment grace's hint).
+    """
     VERDICT_OTP_REQUIRED: _Verdict.ValueType  # 4
     """A code is needed: prompt for it."""
     VERDICT_LOCKED: _Verdict.ValueType  # 5
@@ -137,7 +191,9 @@ VERDICT_ALLOW: Verdict.ValueType  # 1
 VERDICT_DENY: Verdict.ValueType  # 2
 """Wrong code or password, replay, or policy: keep out."""
 VERDICT_NOT_REQUIRED: Verdict.ValueType  # 3
-"""No code needed for this account and service now: let in without one."""
+"""No code needed for this account and service now: let in without one. A
+message, when there is one, is shown (the enrollment grace's hint).
+"""
 VERDICT_OTP_REQUIRED: Verdict.ValueType  # 4
 """A code is needed: prompt for it."""
 VERDICT_LOCKED: Verdict.ValueType  # 5
@@ -277,6 +333,10 @@ class TwoFactorConfig(_message.Message):
     ENROLLMENT_POLICY_FIELD_NUMBER: _builtins.int
     LOCKOUT_THRESHOLD_FIELD_NUMBER: _builtins.int
     LOCKOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    EXEMPT_NETWORKS_FIELD_NUMBER: _builtins.int
+    EXEMPT_GROUPS_FIELD_NUMBER: _builtins.int
+    REQUIRED_GROUPS_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_DEADLINE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """Master switch. Default false."""
     window: _builtins.int
@@ -302,8 +362,39 @@ class TwoFactorConfig(_message.Message):
     """
     lockout_seconds: _builtins.int
     """Seconds an account stays locked, 1..86400. Default 300."""
+    enrollment_deadline: _builtins.str
+    """"YYYY-MM-DD" or empty. With ENROLLMENT_POLICY_REQUIRED, accounts without a
+    secret still get in with the first factor alone, shown the enrollment hint
+    and audited (enrollment_grace), until the end of that day in UTC; refused
+    from then on. Empty: no grace. Without REQUIRED it does nothing.
+    """
     @_builtins.property
     def services(self) -> Global___Services: ...
+    @_builtins.property
+    def exempt_networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The access policy. Precedence, strongest first: required_groups, then
+        exempt_groups, then exempt_networks, then enrollment_policy (with
+        enrollment_deadline). None of it applies where 2FA does not (enabled,
+        services).
+
+        Source networks (CIDR, IPv4 or IPv6, normalised; a bare address is one
+        host) from which no code is asked: matched against PAM_RHOST when it is an
+        IP address (an IPv4-mapped IPv6 address matches the IPv4 networks); a host
+        name (sshd's UseDNS=yes), an empty or unparsable one is never exempt. At
+        most 256; a network with host bits set (10.0.0.5/8) is refused.
+        """
+
+    @_builtins.property
+    def exempt_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Group names whose members are never asked for a code. At most 256."""
+
+    @_builtins.property
+    def required_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Group names whose members are always asked, from anywhere, and refused
+        without a secret whatever enrollment_policy and enrollment_deadline say.
+        At most 256; none may also be in exempt_groups.
+        """
+
     def __init__(
         self,
         *,
@@ -317,14 +408,40 @@ class TwoFactorConfig(_message.Message):
         enrollment_policy: Global___EnrollmentPolicy.ValueType = ...,
         lockout_threshold: _builtins.int = ...,
         lockout_seconds: _builtins.int = ...,
+        exempt_networks: _abc.Iterable[_builtins.str] | None = ...,
+        exempt_groups: _abc.Iterable[_builtins.str] | None = ...,
+        required_groups: _abc.Iterable[_builtins.str] | None = ...,
+        enrollment_deadline: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["services", b"services"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_issuer", b"effective_issuer", "enabled", b"enabled", "enrollment_policy", b"enrollment_policy", "interval", b"interval", "issuer", b"issuer", "lockout_seconds", b"lockout_seconds", "lockout_threshold", b"lockout_threshold", "otp_digits", b"otp_digits", "services", b"services", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_issuer", b"effective_issuer", "enabled", b"enabled", "enrollment_deadline", b"enrollment_deadline", "enrollment_policy", b"enrollment_policy", "exempt_groups", b"exempt_groups", "exempt_networks", b"exempt_networks", "interval", b"interval", "issuer", b"issuer", "lockout_seconds", b"lockout_seconds", "lockout_threshold", b"lockout_threshold", "otp_digits", b"otp_digits", "required_groups", b"required_groups", "services", b"services", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TwoFactorConfig: _TypeAlias = TwoFactorConfig  # noqa: Y015
+
+@_typing.final
+class StringList(_message.Message):
+    """A list that an update replaces as a whole (empty: clears it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StringList: _TypeAlias = StringList  # noqa: Y015
 
 @_typing.final
 class GetConfigRequest(_message.Message):
@@ -359,6 +476,10 @@ class UpdateConfigRequest(_message.Message):
     ENROLLMENT_POLICY_FIELD_NUMBER: _builtins.int
     LOCKOUT_THRESHOLD_FIELD_NUMBER: _builtins.int
     LOCKOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    EXEMPT_NETWORKS_FIELD_NUMBER: _builtins.int
+    EXEMPT_GROUPS_FIELD_NUMBER: _builtins.int
+    REQUIRED_GROUPS_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_DEADLINE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     window: _builtins.int
     services_ssh: _builtins.bool
@@ -368,6 +489,16 @@ class UpdateConfigRequest(_message.Message):
     enrollment_policy: Global___EnrollmentPolicy.ValueType
     lockout_threshold: _builtins.int
     lockout_seconds: _builtins.int
+    enrollment_deadline: _builtins.str
+    """"YYYY-MM-DD"; empty clears it."""
+    @_builtins.property
+    def exempt_networks(self) -> Global___StringList:
+        """Set (even empty): replaces the list."""
+
+    @_builtins.property
+    def exempt_groups(self) -> Global___StringList: ...
+    @_builtins.property
+    def required_groups(self) -> Global___StringList: ...
     def __init__(
         self,
         *,
@@ -380,13 +511,19 @@ class UpdateConfigRequest(_message.Message):
         enrollment_policy: Global___EnrollmentPolicy.ValueType | None = ...,
         lockout_threshold: _builtins.int | None = ...,
         lockout_seconds: _builtins.int | None = ...,
+        exempt_networks: Global___StringList | None = ...,
+        exempt_groups: Global___StringList | None = ...,
+        required_groups: Global___StringList | None = ...,
+        enrollment_deadline: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_enrollment_policy", b"_enrollment_policy", "_interval", b"_interval", "_issuer", b"_issuer", "_lockout_seconds", b"_lockout_seconds", "_lockout_threshold", b"_lockout_threshold", "_otp_digits", b"_otp_digits", "_services_ssh", b"_services_ssh", "_window", b"_window", "enabled", b"enabled", "enrollment_policy", b"enrollment_policy", "interval", b"interval", "issuer", b"issuer", "lockout_seconds", b"lockout_seconds", "lockout_threshold", b"lockout_threshold", "otp_digits", b"otp_digits", "services_ssh", b"services_ssh", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_enrollment_deadline", b"_enrollment_deadline", "_enrollment_policy", b"_enrollment_policy", "_interval", b"_interval", "_issuer", b"_issuer", "_lockout_seconds", b"_lockout_seconds", "_lockout_threshold", b"_lockout_threshold", "_otp_digits", b"_otp_digits", "_services_ssh", b"_services_ssh", "_window", b"_window", "enabled", b"enabled", "enrollment_deadline", b"enrollment_deadline", "enrollment_policy", b"enrollment_policy", "exempt_groups", b"exempt_groups", "exempt_networks", b"exempt_networks", "interval", b"interval", "issuer", b"issuer", "lockout_seconds", b"lockout_seconds", "lockout_threshold", b"lockout_threshold", "otp_digits", b"otp_digits", "required_groups", b"required_groups", "services_ssh", b"services_ssh", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_enrollment_policy", b"_enrollment_policy", "_interval", b"_interval", "_issuer", b"_issuer", "_lockout_seconds", b"_lockout_seconds", "_lockout_threshold", b"_lockout_threshold", "_otp_digits", b"_otp_digits", "_services_ssh", b"_services_ssh", "_window", b"_window", "enabled", b"enabled", "enrollment_policy", b"enrollment_policy", "interval", b"interval", "issuer", b"issuer", "lockout_seconds", b"lockout_seconds", "lockout_threshold", b"lockout_threshold", "otp_digits", b"otp_digits", "services_ssh", b"services_ssh", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_enrollment_deadline", b"_enrollment_deadline", "_enrollment_policy", b"_enrollment_policy", "_interval", b"_interval", "_issuer", b"_issuer", "_lockout_seconds", b"_lockout_seconds", "_lockout_threshold", b"_lockout_threshold", "_otp_digits", b"_otp_digits", "_services_ssh", b"_services_ssh", "_window", b"_window", "enabled", b"enabled", "enrollment_deadline", b"enrollment_deadline", "enrollment_policy", b"enrollment_policy", "exempt_groups", b"exempt_groups", "exempt_networks", b"exempt_networks", "interval", b"interval", "issuer", b"issuer", "lockout_seconds", b"lockout_seconds", "lockout_threshold", b"lockout_threshold", "otp_digits", b"otp_digits", "required_groups", b"required_groups", "services_ssh", b"services_ssh", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__enrollment_deadline: _TypeAlias = _typing.Literal["enrollment_deadline"]  # noqa: Y015
+    _WhichOneofArgType__enrollment_deadline: _TypeAlias = _typing.Literal["_enrollment_deadline", b"_enrollment_deadline"]  # noqa: Y015
     _WhichOneofReturnType__enrollment_policy: _TypeAlias = _typing.Literal["enrollment_policy"]  # noqa: Y015
     _WhichOneofArgType__enrollment_policy: _TypeAlias = _typing.Literal["_enrollment_policy", b"_enrollment_policy"]  # noqa: Y015
     _WhichOneofReturnType__interval: _TypeAlias = _typing.Literal["interval"]  # noqa: Y015
@@ -405,6 +542,8 @@ class UpdateConfigRequest(_message.Message):
     _WhichOneofArgType__window: _TypeAlias = _typing.Literal["_window", b"_window"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enrollment_deadline) -> _WhichOneofReturnType__enrollment_deadline | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__enrollment_policy) -> _WhichOneofReturnType__enrollment_policy | None: ...
     @_typing.overload
@@ -889,7 +1028,7 @@ class AuditEvent(_message.Message):
     event: _builtins.str
     """secret_renewed, secret_pending, secret_confirmed, secret_imported,
     secret_unset, unlocked, locked, recovery_codes_made, recovery_code_used,
-    verify, login, settings_updated.
+    verify, login, settings_updated, enrollment_grace.
     """
     username: _builtins.str
     detail: _builtins.str
@@ -1137,6 +1276,97 @@ class ListUsersResponse(_message.Message):
 Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
 
 @_typing.final
+class ExplainAccessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    RHOST_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """An existing account (NOT_FOUND otherwise)."""
+    rhost: _builtins.str
+    """The login's source address (PAM_RHOST). Empty: an address no exempt
+    network holds.
+    """
+    service: _builtins.str
+    """The PAM service; empty means "sshd"."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        rhost: _builtins.str = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rhost", b"rhost", "service", b"service", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainAccessRequest: _TypeAlias = ExplainAccessRequest  # noqa: Y015
+
+@_typing.final
+class ExplainAccessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASKED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    GRACE_UNTIL_FIELD_NUMBER: _builtins.int
+    OVERRIDDEN_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    EXEMPT_GROUPS_FIELD_NUMBER: _builtins.int
+    REQUIRED_GROUPS_FIELD_NUMBER: _builtins.int
+    asked: _builtins.bool
+    """A code is demanded: the first factor alone does not let in."""
+    refused: _builtins.bool
+    """No code can let in either: the account has no secret (it is told how to
+    enroll).
+    """
+    reason: Global___AccessReason.ValueType
+    matched: _builtins.str
+    """The network or group that decided (EXEMPT_*, REQUIRED_GROUP)."""
+    grace_until: _builtins.int
+    """ENROLLMENT_GRACE: when the grace ends, seconds since the epoch."""
+    explanation: _builtins.str
+    """One line for people: "would be asked for a code from 10.0.0.5: no,
+    exempt network 10.0.0.0/8".
+    """
+    @_builtins.property
+    def overridden(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Exemptions a required group overrode ("exempt network 10.0.0.0/8")."""
+
+    @_builtins.property
+    def exempt_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Of the account's groups, those named in exempt_groups and required_groups
+        (resolved only while either list is set).
+        """
+
+    @_builtins.property
+    def required_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        asked: _builtins.bool = ...,
+        refused: _builtins.bool = ...,
+        reason: Global___AccessReason.ValueType = ...,
+        matched: _builtins.str = ...,
+        grace_until: _builtins.int = ...,
+        overridden: _abc.Iterable[_builtins.str] | None = ...,
+        explanation: _builtins.str = ...,
+        exempt_groups: _abc.Iterable[_builtins.str] | None = ...,
+        required_groups: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asked", b"asked", "exempt_groups", b"exempt_groups", "explanation", b"explanation", "grace_until", b"grace_until", "matched", b"matched", "overridden", b"overridden", "reason", b"reason", "refused", b"refused", "required_groups", b"required_groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainAccessResponse: _TypeAlias = ExplainAccessResponse  # noqa: Y015
+
+@_typing.final
 class PamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1149,7 +1379,7 @@ class PamRequest(_message.Message):
     service: _builtins.str
     """PAM_SERVICE (e.g. "sshd")."""
     rhost: _builtins.str
-    """PAM_RHOST, for the log only."""
+    """PAM_RHOST: for the log, and matched against exempt_networks."""
     authtok: _builtins.str
     """Mode VERIFY: the code. Mode SINGLE_PROMPT: password immediately followed
     by the code. Empty for CHECK.

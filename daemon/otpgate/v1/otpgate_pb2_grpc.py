@@ -106,6 +106,11 @@ class TwoFactorAdminStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyResponse.FromString,
                 _registered_method=True)
+        self.ExplainAccess = channel.unary_unary(
+                '/otpgate.v1.TwoFactorAdmin/ExplainAccess',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.ExplainAccessRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ExplainAccessResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorAdminServicer:
@@ -207,6 +212,14 @@ class TwoFactorAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainAccess(self, request, context):
+        """What the access policy decides for a login of this account from this
+        address, and why; changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +292,11 @@ def add_TwoFactorAdminServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'ExplainAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainAccess,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.ExplainAccessRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.ExplainAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +679,33 @@ class TwoFactorAdmin:
             '/otpgate.v1.TwoFactorAdmin/RotateKey',
             otpgate_dot_v1_dot_otpgate__pb2.RotateKeyRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.TwoFactorAdmin/ExplainAccess',
+            otpgate_dot_v1_dot_otpgate__pb2.ExplainAccessRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.ExplainAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

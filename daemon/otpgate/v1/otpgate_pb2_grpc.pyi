@@ -73,6 +73,10 @@ class TwoFactorAdminStub:
     """Re-seal every secret under the daemon's key (started with the old one as
     old_key_file), while serving; safe to interrupt and run again.
     """
+    ExplainAccess: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.ExplainAccessRequest, _otpgate_pb2.ExplainAccessResponse]
+    """What the access policy decides for a login of this account from this
+    address, and why; changes nothing.
+    """
 
 @_typing.type_check_only
 class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
@@ -107,6 +111,10 @@ class TwoFactorAdminAsyncStub(TwoFactorAdminStub):
     RotateKey: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.RotateKeyRequest, _otpgate_pb2.RotateKeyResponse]  # type: ignore[assignment]
     """Re-seal every secret under the daemon's key (started with the old one as
     old_key_file), while serving; safe to interrupt and run again.
+    """
+    ExplainAccess: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.ExplainAccessRequest, _otpgate_pb2.ExplainAccessResponse]  # type: ignore[assignment]
+    """What the access policy decides for a login of this account from this
+    address, and why; changes nothing.
     """
 
 class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -223,6 +231,16 @@ class TwoFactorAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_otpgate_pb2.RotateKeyResponse, _abc.Awaitable[_otpgate_pb2.RotateKeyResponse]]:
         """Re-seal every secret under the daemon's key (started with the old one as
         old_key_file), while serving; safe to interrupt and run again.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainAccess(
+        self,
+        request: _otpgate_pb2.ExplainAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.ExplainAccessResponse, _abc.Awaitable[_otpgate_pb2.ExplainAccessResponse]]:
+        """What the access policy decides for a login of this account from this
+        address, and why; changes nothing.
         """
 
 def add_TwoFactorAdminServicer_to_server(servicer: TwoFactorAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
