@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -389,6 +389,67 @@ def load_crl_serials(
     if not any(crl.issuer == ca.subject and _crl_signed_by(crl, ca) for ca in issuers):
         raise ConfigError(f"{crl_path}: the CRL is not signed by the CA of {ca_cert_path}")
     return frozenset(r.serial_number for r in crl)
+
+
+class IdentityProblem(Exception):
+    """What is wrong with a certificate and its key; `part` is "cert" or "key", so that
+    each caller can name its own setting (tls_cert, --tls-key, ...)."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+_USAGES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+
+
+def check_identity(
+    cert_pem: bytes, key_pem: bytes, *, usage: str, now: dt.datetime | None = None
+) -> x509.Certificate:
+    """The leaf certificate of `cert_pem`, once its key is `key_pem` (PEM, without a
+    passphrase), it is valid now and it is made for `usage` ("client" or "server").
+
+    gRPC itself finds none of this out before a handshake, and then says only that
+    the socket closed, which an edge would read as "the central is away": every one
+    of these is a broken file, refused at a start or a reload."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except (ValueError, IndexError):
+        raise IdentityProblem("cert", "holds no PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise IdentityProblem("key", "is encrypted: otpgate needs it unencrypted") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise IdentityProblem("key", "holds no PEM private key otpgate can use") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
+        raise IdentityProblem("key", "is not the key of the certificate")
+    moment = now or dt.datetime.now(dt.UTC)
+    if leaf.not_valid_after_utc < moment:
+        raise IdentityProblem(
+            "cert",
+            f"expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: renew it (otpgate pki)",
+        )
+    if leaf.not_valid_before_utc > moment:
+        raise IdentityProblem(
+            "cert",
+            f"is valid only from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+            "(is this clock right?)",
+        )
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise IdentityProblem("cert", f"names no extended key usage (needs {usage}Auth)") from None
+    if _USAGES[usage] not in usages:
+        raise IdentityProblem("cert", f"is not made for {usage} authentication ({usage}Auth)")
+    return leaf
+
+
+def is_client_name(name: str) -> bool:
+    """Whether `name` is one `issue_client` could have given (and [roles] may name)."""
+    return len(name) <= MAX_NAME and _CLIENT_NAME.fullmatch(name) is not None
 
 
 def read_certificate(path: str | os.PathLike[str]) -> x509.Certificate:

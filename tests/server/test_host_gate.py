@@ -42,7 +42,7 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.service import PENDING_SECONDS
 from otpgate.errors import PermissionDenied
 from otpgate.server import host_gate
-from otpgate.server.host_gate import GRANT_SECONDS, MAX_GRANTS, Grants
+from otpgate.server.host_gate import CONFIRM_SPACING_SECONDS, GRANT_SECONDS, MAX_GRANTS, Grants
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 from tests.conftest import RUNUSER, Daemon, LocalUser
@@ -337,6 +337,15 @@ def test_a_right_code_gives_one_pending_secret_confirmed_by_its_own_code(
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert state(central, victim.name).uri == victim.uri
+    # Checks of a pending secret count toward no lockout: they are spaced instead,
+    # and one refused so is not checked (its code is not spent).
+    error = refused(
+        lambda: edge1.ConfirmSecret(
+            pb.ConfirmSecretRequest(username=victim.name, token=new.now()), timeout=5
+        )
+    )
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    time.sleep(CONFIRM_SPACING_SECONDS)
     confirmed = edge1.ConfirmSecret(
         pb.ConfirmSecretRequest(username=victim.name, token=new.now()), timeout=5
     )

@@ -26,6 +26,9 @@ import grpc
 import pyotp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -371,14 +374,27 @@ def test_every_role_against_every_method(shared: Central, user: LocalUser) -> No
                 ok = code == grpc.StatusCode.PERMISSION_DENIED and bool(GUARD_WORDS.search(details))
             if not ok:
                 wrong.append(f"{name} ({role}) {method}: {code.name} {details}")
-        # Health: any certificate, with a role or not.
+        # Health's Check for every certificate with a role, nothing for one without;
+        # its Watch (a stream that holds a worker thread) for nobody.
         health = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
-        reply = health(health_pb2.HealthCheckRequest(service=ADMIN), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        if role is None:
+            code, _ = call(channel, "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest())
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+        else:
+            reply = health(health_pb2.HealthCheckRequest(service=ADMIN), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(watch(health_pb2.HealthCheckRequest(service=ADMIN), timeout=5)))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert wrong == []
     assert len(allowed) == sum(len(m) for m in roles.ROLE_METHODS.values())
     # The guard logged its refusals (the last one made), and none of an allowed call.
@@ -671,7 +687,7 @@ def test_a_bad_network_config_refuses_to_start(
     elif case == "key_of_another_certificate":
         key = other_pki.directory / "server.key"
         toml = toml.replace(f"{fleet_pki.directory}/server.key", str(key))
-        field, words = "tls_key", "is not the key of tls_cert"
+        field, words = "tls_key", "is not the key of the certificate"
     else:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -690,3 +706,106 @@ def test_a_bad_network_config_refuses_to_start(
     assert errors and all(field in line for line in errors), output
     assert "Traceback" not in output
     assert "started version=" not in output
+
+
+# -- the review's findings, each played for real ---------------------------------------
+
+
+def test_a_ca_taken_out_of_tls_client_ca_ends_its_open_connections(
+    make_central: Callable[..., Central], other_pki: Pki, tmp_path: Path
+) -> None:
+    # After a CA's compromise it leaves tls_client_ca: a connection it opened before
+    # the reload must not go on making admin calls.
+    central = make_central()
+    victim = central.channel("admin1")
+    assert call(victim, f"/{ADMIN}/GetConfig", pb.GetConfigRequest()) == (grpc.StatusCode.OK, "")
+    toml = central_toml(central.pki, central.port, central.roles).replace(
+        f'tls_client_ca = "{central.pki.ca}"', f'tls_client_ca = "{other_pki.ca}"'
+    )
+    after = reload(central, toml)
+    wait_for_log(central.daemon, r"reloaded tls", after=after)
+    code, details = call(victim, f"/{ADMIN}/GetConfig", pb.GetConfigRequest())
+    assert code == grpc.StatusCode.UNAUTHENTICATED, details
+    assert "no longer holds" in details
+    assert_attack_changed_nothing(central, victim)
+
+
+def _client_certificate(
+    pki_: Pki, path: Path, names: list[str], *, client_auth: bool = True
+) -> tuple[Path, Path]:
+    """A certificate of the session CA that pki.issue_client would never make."""
+    ca_key = serialization.load_pem_private_key((pki_.directory / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate(pki_.ca.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, n) for n in names]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+    if client_auth:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    path.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = path / "odd.crt", path / "odd.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize(
+    ("names", "client_auth"),
+    [
+        (["admin1", "nobody"], True),  # which common name is "the" name? none
+        (["nobody", "admin1"], True),
+        (["admin1"], False),  # no extended key usage at all
+        (["admin1 serial=1 role=host"], True),  # a name posing as log fields
+    ],
+)
+def test_a_certificate_without_one_usable_name_gets_nothing(
+    shared: Central, fleet_pki: Pki, tmp_path: Path, names: list[str], client_auth: bool
+) -> None:
+    cert, key = _client_certificate(fleet_pki, tmp_path, names, client_auth=client_auth)
+    offset = len(shared.daemon.log())
+    channel = grpc.secure_channel(shared.address, credentials(fleet_pki.ca, cert, key))
+    code, details = call(channel, f"/{ADMIN}/GetConfig", pb.GetConfigRequest())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "no usable name" in details, details
+    assert_attack_changed_nothing(shared, channel)
+    assert "role=host" not in shared.daemon.log()[offset:].replace("role=host method=", "")
+
+
+def test_a_silent_connection_is_closed_before_long(shared: Central) -> None:
+    # Anyone who reaches the port can open connections before showing a certificate:
+    # one that never starts its handshake is not kept (5 s), so they cannot pile up.
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=15) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # the server closed it
+        assert time.monotonic() - started < 12
+
+
+def test_a_storm_of_sighups_neither_kills_nor_hangs_the_daemon(
+    make_central: Callable[..., Central],
+) -> None:
+    # The handler used to wake the main thread through an Event; a signal landing
+    # inside Event.wait() could deadlock it, and then SIGTERM did nothing.
+    central = make_central()
+    assert central.daemon.proc is not None
+    for _ in range(200):
+        central.daemon.proc.send_signal(signal.SIGHUP)
+    admin = central.channel("admin1")
+    assert call(admin, f"/{ADMIN}/GetConfig", pb.GetConfigRequest()) == (grpc.StatusCode.OK, "")
+    started = time.monotonic()
+    assert central.daemon.stop() == 0
+    assert time.monotonic() - started < 15

@@ -10,6 +10,7 @@ These tests own their PostgreSQL server (they kill it), not the session's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,7 +42,8 @@ def own_server() -> Iterator[PgServer]:
             yield server
         finally:
             for pid in _server_pids(server):  # thaw whatever a failed test left stopped
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):  # a backend that just ended
+                    os.kill(pid, signal.SIGCONT)
 
 
 def _server_pids(server: PgServer) -> list[int]:

@@ -257,6 +257,7 @@ def _check_address(source: str, name: str, address: str) -> None:
 
 
 def _check_network(config: DaemonConfig, source: str) -> None:
+    from otpgate import pki
     from otpgate.server.roles import ROLES  # the table lives with the listener
 
     for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_crl", "upstream_ca"):
@@ -274,8 +275,11 @@ def _check_network(config: DaemonConfig, source: str) -> None:
                 f"{source}: roles: {cert_name!r} = {role!r}: the role must be one of "
                 f"{', '.join(ROLES)}"
             )
-        if not cert_name:
-            raise ConfigError(f"{source}: roles: a certificate name must not be empty")
+        if not pki.is_client_name(cert_name):
+            raise ConfigError(
+                f"{source}: roles: {cert_name!r} is not a certificate name otpgate accepts "
+                "(1 to 64 letters, digits, . _ @ -, not starting with . or -)"
+            )
     if config.listen:
         _check_address(source, "listen", config.listen)
         missing = [n for n in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(config, n)]

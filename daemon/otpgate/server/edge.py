@@ -22,14 +22,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import Message
 
+from otpgate import pki
 from otpgate.core.accounts import lookup_account
 from otpgate.core.crypto import Sealed
 from otpgate.core.ports import PasswordChecker
 from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
 from otpgate.core.service import UserView, Verification, VerifyResult
 from otpgate.errors import (
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -61,8 +64,12 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
 ]
-# Statuses that mean "this upstream did not decide": try the next one.
+# Statuses that mean "this upstream did not decide": try the next one. Only for a
+# question that changes nothing: a Verify that ran out of time may have been judged
+# (the code counted, or spent) after the edge stopped waiting, and "unavailable"
+# would let fail=safe in on a wrong code; such a call denies instead.
 _AWAY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_READ_ONLY = {"Check", "GetUser"}
 _RESULT_FROM_PB = {v: k for k, v in RESULT_TO_PB.items()}
 
 
@@ -88,11 +95,19 @@ class Upstreams:
         self._lock = threading.Lock()
         self._channels: list[grpc.Channel] = []
         self._stubs: list[pb_grpc.HostGateStub] = []
+        self._not_after = 0.0
         self.reload(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem)
 
     def reload(self, *, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
         """New channels with these certificates (SIGHUP); calls under way finish on
-        the old ones."""
+        the old ones. ConfigError, changing nothing, for a broken certificate or key."""
+        try:
+            leaf = pki.check_identity(cert_pem, key_pem, usage="client")
+            x509.load_pem_x509_certificates(ca_pem)
+        except pki.IdentityProblem as exc:
+            raise ConfigError(f"{'tls_key' if exc.part == 'key' else 'tls_cert'} {exc}") from None
+        except ValueError:
+            raise ConfigError("upstream_ca holds no PEM certificate") from None
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
         )
@@ -103,9 +118,12 @@ class Upstreams:
         with self._lock:
             old, self._channels = self._channels, channels
             self._stubs = [pb_grpc.HostGateStub(c) for c in channels]
+            self._not_after = leaf.not_valid_after_utc.timestamp()
         if old:
             # Closing a channel cancels its calls: give those under way their budget.
-            threading.Timer(self._budget + 1.0, _close_all, (old,)).start()
+            closer = threading.Timer(self._budget + 1.0, _close_all, (old,))
+            closer.daemon = True
+            closer.start()
 
     def call(self, method: str, request: Message, *, retry_unavailable: bool = False) -> Any:
         """The first answer of an upstream; StoreUnavailable when none came in time,
@@ -116,7 +134,13 @@ class Upstreams:
         """
         deadline = time.monotonic() + self._budget
         with self._lock:
-            first, stubs = self._first, self._stubs
+            first, stubs, not_after = self._first, self._stubs, self._not_after
+        if time.time() >= not_after:
+            # The centrals would refuse the handshake, which gRPC reports as a closed
+            # socket: an outage to the hook's fail mode. It is a failure of this host.
+            raise UpstreamRefused(
+                "UNAUTHENTICATED", "this edge's certificate (tls_cert) has expired: renew it"
+            )
         order = [(first + i) % len(stubs) for i in range(len(stubs))]
         away: list[str] = []
         last_unavailable: Any = None
@@ -129,6 +153,12 @@ class Upstreams:
                 reply = getattr(stubs[index], method)(request, timeout=min(self._timeout, left))
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED and method not in _READ_ONLY:
+                    raise UpstreamRefused(
+                        code.name,
+                        f"upstream {address} did not answer {method} in time; it may have "
+                        "judged it, so nobody else is asked",
+                    ) from None
                 if code in _AWAY:
                     away.append(f"{address}: {code.name}")
                     continue
@@ -232,7 +262,8 @@ class EdgePamServicer(pb_grpc.PamGateServicer):
         if check.verdict in (pb.VERDICT_NOT_ENROLLED, pb.VERDICT_LOCKED):
             return check if self._right(request.username, authtok) else wrong
         if check.verdict != pb.VERDICT_OTP_REQUIRED:
-            return check
+            # Nothing else is an answer to Check: never let it skip the password.
+            return pb.PamDecision(verdict=pb.VERDICT_DENY)
         digits = check.otp_digits if 6 <= check.otp_digits <= 8 else 6
         password, code = authtok[:-digits], authtok[-digits:]
         if not self._right(request.username, password):

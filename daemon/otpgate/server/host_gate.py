@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -29,12 +30,14 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.gate import Decision, Gate, Verdict
 from otpgate.core.ports import PasswordChecker
 from otpgate.core.service import PENDING_SECONDS, TwoFactorService
+from otpgate.core.throttle import Spacing
 from otpgate.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     SecretChanged,
+    TooManyAttempts,
 )
 from otpgate.server.messages import user_to_pb, verification_to_pb
 from otpgate.server.network import Guard
@@ -44,6 +47,7 @@ from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 
 GRANT_SECONDS = 300
+CONFIRM_SPACING_SECONDS = 1.0
 # Grants outstanding at once: a hostile host proving codes in a loop must not grow
 # the table without bound (the oldest go first).
 MAX_GRANTS = 10_000
@@ -151,6 +155,7 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         self._guard = guard
         self._grants = grants or Grants()
         self._bases = Bases()
+        self._confirmations = Spacing(CONFIRM_SPACING_SECONDS, time.monotonic)
         self._clock = clock  # the service's: the store's times are in its seconds
 
     def _host(self, context: grpc.ServicerContext) -> str:
@@ -249,8 +254,16 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         # The code of the pending secret shows its owner holds it; that it may
         # replace the secret in use is what the grant it was made with showed, for
         # that secret only (compare-and-set, as user.sock's confirmation over the
-        # session's secret).
+        # session's secret). A wrong code counts toward no lockout (the pending
+        # secret is not in use), so checks are spaced: one a second per account, at
+        # most 900 of the million codes in a pending secret's 15 minutes.
         username = request.username
+        wait = self._confirmations.take(username)
+        if wait:
+            raise TooManyAttempts(
+                f"{username}: a code was checked moments ago: try again in {math.ceil(wait)} s",
+                wait,
+            )
         expected = self._bases.recall(username) or self._older_than_pending(username)
         try:
             view = self._service.confirm_secret(username, request.token, expected=expected)

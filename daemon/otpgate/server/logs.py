@@ -158,9 +158,14 @@ def name_the_certificate(record: logging.LogRecord) -> bool:
     the certificate's name, serial and role (the call's audit origin), so that every
     change made remotely says who made it, in the log as in the audit trail."""
     caller = audit.origin().caller
-    if record.name == OWN_LOGGER and caller.startswith("cert=") and "cert=" not in str(record.msg):
-        record.msg = f"{record.getMessage()} by {caller}"
-        record.args = None
+    if record.name != OWN_LOGGER or not caller.startswith("cert="):
+        return True
+    try:
+        message = record.getMessage()
+    except (TypeError, ValueError):
+        return True  # a bad format: logging's own error handling reports it, not us
+    if "cert=" not in message:  # the guard's own lines name it already
+        record.msg, record.args = f"{message} by {caller}", None
     return True
 
 

@@ -227,27 +227,27 @@ _SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
 
 
 class _Signals:
-    """What the main thread waits for: a stop, or a reload (SIGHUP)."""
+    """What the main thread waits for: a stop, or a reload (SIGHUP).
+
+    The signals stay blocked in every thread (main() blocks them before any thread
+    starts) and are taken here with sigtimedwait. A handler that woke the main thread
+    through an Event could deadlock: a signal arriving while the main thread is
+    inside Event.wait() runs the handler on that thread, whose set() then waits for
+    the lock wait() holds.
+    """
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
         self.stopping = False
         self.reload = False
-        for signum in _STOP_SIGNALS:
-            signal.signal(signum, self._stop)
-        signal.signal(signal.SIGHUP, self._reload)
-
-    def _stop(self, *_: object) -> None:
-        self.stopping = True
-        self.wake.set()
-
-    def _reload(self, *_: object) -> None:
-        self.reload = True
-        self.wake.set()
 
     def wait(self, seconds: float) -> None:
-        self.wake.wait(seconds)
-        self.wake.clear()
+        info = signal.sigtimedwait(_SIGNALS, max(0.0, seconds))
+        while info is not None:
+            if info.si_signo == signal.SIGHUP:
+                self.reload = True
+            else:
+                self.stopping = True
+            info = signal.sigtimedwait(_SIGNALS, 0)
 
 
 def _tls_settings(config: daemon_config.DaemonConfig) -> TlsSettings:
@@ -261,16 +261,23 @@ def _tls_settings(config: daemon_config.DaemonConfig) -> TlsSettings:
     )
 
 
+def _reload_failed(exc: Exception) -> None:
+    # Our own errors say what is wrong; another (a key cryptography cannot read) is
+    # named by its type only, as rpc.py does, since its text may quote the file.
+    what = str(exc) if isinstance(exc, OtpgateError) else "unreadable files"
+    log.error(
+        "reload_failed error=%s: %s (the previous certificates stay)", type(exc).__name__, what
+    )
+
+
 def _reload_listener(listener: NetworkListener, argv: list[str]) -> None:
     # The configuration file again, for [roles], the deny list and the file names;
     # whatever else changed waits for a restart. A broken file changes nothing.
     try:
         config = daemon_config.load(argv)
         listener.reload(_tls_settings(config))
-    except OtpgateError as exc:
-        log.error(
-            "reload_failed error=%s: %s (the previous certificates stay)", type(exc).__name__, exc
-        )
+    except Exception as exc:  # a failed reload must never stop the daemon
+        _reload_failed(exc)
 
 
 def _start_listener(
@@ -323,10 +330,8 @@ def _reload_upstreams(upstreams: Upstreams, argv: list[str]) -> None:
             cert_pem=_read_pem(config.tls_cert, "tls_cert"),
             key_pem=_read_pem(config.tls_key, "tls_key"),
         )
-    except OtpgateError as exc:
-        log.error(
-            "reload_failed error=%s: %s (the previous certificates stay)", type(exc).__name__, exc
-        )
+    except Exception as exc:  # a failed reload must never stop the daemon
+        _reload_failed(exc)
         return
     log.info("reloaded tls upstreams=%s", ",".join(upstreams.addresses))
 
@@ -371,7 +376,6 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
         user.start()
         relay = _start_relay(config, user, callers, budgets)
         pam.start(reflect=False)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info(
             "started version=%s mode=edge upstreams=%s", __version__, ",".join(config.upstreams)
         )
@@ -458,7 +462,6 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
         pam.start(reflect=False)
         if config.listen:
             listener = _start_listener(config, service, passwords)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         log.info(
             "started version=%s database=%s key_id=%s",
             __version__,
@@ -526,7 +529,7 @@ def _start_logging() -> None:
     # Every thread (the log writer, the gRPC workers) inherits a mask without the stop
     # signals, so they reach only the main thread, never a worker waiting inside PAM
     # (pam_exec's child, a password check) where an interrupted system call would
-    # fail a login; run() unblocks them here once its handler is in place.
+    # fail a login. They stay blocked: the main thread takes them (run's _Signals).
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     logs.configure()
 

@@ -17,13 +17,14 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 
@@ -37,21 +38,36 @@ log = logging.getLogger("otpgated")
 
 # Distinct certificates worth remembering the parse of (a fleet's hosts and admins).
 _PARSED_CACHE = 4096
+# Anyone who reaches the port can open connections before any certificate is shown:
+# a handshake must come quickly, connections are counted, and none lives for ever
+# (so a CA taken out of tls_client_ca, or a certificate that expires, also ends the
+# connections it opened; the guard refuses their calls meanwhile).
+_LISTENER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.server_handshake_timeout_ms", 5000),
+    ("grpc.max_allowed_incoming_connections", 4096),
+    ("grpc.max_concurrent_streams", 32),
+    ("grpc.max_connection_age_ms", 3_600_000),
+    ("grpc.max_connection_age_grace_ms", 10_000),
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
     """Who is on the other end of a TLS connection, as its certificate says."""
 
-    name: str  # the subject's common name
+    name: str  # the subject's one common name ("" when it has none or several)
     serial: int
     role: str | None  # None: the name is not in [roles]
-    revoked: bool
+    # Why this certificate gets nothing at all, if it does not: revoked, expired
+    # while its connection stayed open, its CA no longer trusted, no usable name.
+    refusal: str | None = None
 
     @property
     def caller(self) -> str:
-        """For the audit trail and the log: never more than the certificate shows."""
-        return f"cert={self.name} serial={self.serial:x} role={self.role or '-'}"
+        """For the audit trail and the log: never more than the certificate shows
+        (a name is one pki.issue_client could give: no space to pose as the fields
+        after it)."""
+        return f"cert={self.name or '?'} serial={self.serial:x} role={self.role or '-'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +103,14 @@ def load_tls(
     key_pem = _read(key, "tls_key")
     ca_pem = _read(client_ca, "tls_client_ca")
     try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
-        x509.load_pem_x509_certificates(ca_pem)
+        pki.check_identity(cert_pem, key_pem, usage="server")
+    except pki.IdentityProblem as exc:
+        field, path = ("tls_key", key) if exc.part == "key" else ("tls_cert", cert)
+        raise ConfigError(f"{field} {path} {exc}") from None
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
     except ValueError as exc:
-        raise ConfigError(f"tls_cert or tls_client_ca is not PEM certificates: {exc}") from None
-    _check_key(key, key_pem, leaf)
+        raise ConfigError(f"tls_client_ca {client_ca} is not PEM certificates: {exc}") from None
     revoked = {int(s, 16) for s in deny_serials}
     if crl:
         # A CRL anyone could write would let them revoke nobody: it must be the CA's.
@@ -99,28 +118,9 @@ def load_tls(
             revoked |= pki.load_crl_serials(crl, client_ca)
         except ConfigError as exc:
             raise ConfigError(f"tls_crl: {exc}") from None
+    if not cas:
+        raise ConfigError(f"tls_client_ca {client_ca} holds no certificate")
     return TlsSettings(cert_pem, key_pem, ca_pem, frozenset(revoked), dict(role_of))
-
-
-def _check_key(path: str, key_pem: bytes, leaf: x509.Certificate) -> None:
-    # gRPC itself would only find out at the next handshake, after a reload had been
-    # reported done (and refuse every handshake at a start): a key that is not the
-    # certificate's is a broken file like a missing one.
-    def spki(public_key: Any) -> bytes:
-        return bytes(
-            public_key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-
-    try:
-        private = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"tls_key {path} is not a PEM private key without a passphrase: {exc}"
-        ) from None
-    if spki(private.public_key()) != spki(leaf.public_key()):
-        raise ConfigError(f"tls_key {path} is not the key of tls_cert's certificate")
 
 
 class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -143,13 +143,25 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         pems: Any = context.auth_context().get("x509_pem_cert") or []
         if not pems:
             return None  # cannot happen with a required client certificate
-        name, serial = _subject(pems[0])
+        facts = _facts(pems[0])
         settings = self.settings
+        refusal = None
+        if facts.serial in settings.revoked:
+            refusal = "is revoked"
+        elif facts.not_after < time.time():
+            refusal = "has expired"
+        elif not _signed_by_one_of(pems[0], settings.client_ca_pem):
+            refusal = "is from a CA that tls_client_ca no longer holds"
+        elif not facts.name:
+            refusal = (
+                "has no usable name (exactly one common name of letters, digits and . _ @ -, "
+                "and the clientAuth usage)"
+            )
         return Identity(
-            name=name,
-            serial=serial,
-            role=settings.role_of.get(name),
-            revoked=serial in settings.revoked,
+            name=facts.name,
+            serial=facts.serial,
+            role=settings.role_of.get(facts.name) if facts.name else None,
+            refusal=refusal,
         )
 
     def intercept_service(
@@ -176,13 +188,22 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
             if identity is None:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
             assert identity is not None
-            if identity.revoked:
-                log.warning("remote_refused %s method=%s reason=revoked", identity.caller, method)
+            if identity.refusal is not None:
+                reason = "revoked" if identity.refusal == "is revoked" else "certificate"
+                log.warning(
+                    "remote_refused %s method=%s reason=%s", identity.caller, method, reason
+                )
                 context.abort(
                     grpc.StatusCode.UNAUTHENTICATED,
-                    f"certificate {identity.name!r} (serial {identity.serial:x}) is revoked",
+                    f"certificate {identity.name!r} (serial {identity.serial:x}) "
+                    f"{identity.refusal}",
                 )
-            if not _health(method) and not roles.allowed(identity.role, method):
+            # Health too only for a role, and never its Watch: a stream that holds a
+            # worker thread for as long as the caller likes is not for the network.
+            allowed = (
+                identity.role is not None and method == "/grpc.health.v1.Health/Check"
+            ) or roles.allowed(identity.role, method)
+            if not allowed:
                 log.warning("remote_refused %s method=%s reason=role", identity.caller, method)
                 if identity.role is None:
                     context.abort(
@@ -202,12 +223,6 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         return guarded
 
 
-def _health(method: str) -> bool:
-    # Any certificate with a role may ask whether the daemon serves (load balancers,
-    # an edge choosing its upstream); it learns nothing else.
-    return method.startswith("/grpc.health.v1.Health/")
-
-
 def _refusal(method: str) -> Any:
     # Methods this listener does not serve (PamGate, UserSelfService, reflection)
     # are refused as a role's missing method is, whoever asks.
@@ -220,12 +235,48 @@ def _refusal(method: str) -> Any:
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    name: str  # "" unless exactly one common name and a clientAuth usage
+    serial: int
+    not_after: float
+
+
 @functools.lru_cache(maxsize=_PARSED_CACHE)
-def _subject(pem: bytes) -> tuple[str, int]:
+def _facts(pem: bytes) -> _Facts:
     cert = x509.load_pem_x509_certificate(pem)
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    name = str(names[0].value) if names else ""
-    return name, cert.serial_number
+    # Tools disagree on which of several common names is "the" name (the first, the
+    # last): a certificate with more than one gets none. So does one made without
+    # clientAuth (a server's, or one of a CA that sets no usages at all).
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        for_clients = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in usages
+    except x509.ExtensionNotFound:
+        for_clients = False
+    name = str(names[0].value) if len(names) == 1 and for_clients else ""
+    if not pki.is_client_name(name):
+        name = ""  # spaces, '=' or controls would forge fields of the log and audit lines
+    return _Facts(
+        name=name,
+        serial=cert.serial_number,
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
+
+
+@functools.lru_cache(maxsize=_PARSED_CACHE)
+def _signed_by_one_of(pem: bytes, ca_pem: bytes) -> bool:
+    """Whether a CA of tls_client_ca (as it is now) signed this certificate: gRPC
+    checked at the handshake, but a connection outlives a reload that took its CA
+    out (after a compromise). Cached: one signature check per certificate and CA set."""
+    cert = x509.load_pem_x509_certificate(pem)
+    for ca in x509.load_pem_x509_certificates(ca_pem):
+        try:
+            cert.verify_directly_issued_by(ca)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return False
 
 
 class NetworkListener:
@@ -245,8 +296,11 @@ class NetworkListener:
         self._lock = threading.Lock()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="network"),
-            options=options,
+            options=[*options, *_LISTENER_OPTIONS],
             interceptors=[self.guard],
+            # Beyond this many calls in flight, RESOURCE_EXHAUSTED at once (an edge
+            # denies on it) rather than a queue that outlasts every caller's deadline.
+            maximum_concurrent_rpcs=workers * 4,
         )
         self.health = health.HealthServicer()
         service = health_pb2.DESCRIPTOR.services_by_name["Health"]
