@@ -430,7 +430,8 @@ def check_identity(
     if leaf.not_valid_after_utc < moment:
         raise IdentityProblem(
             "cert",
-            f"expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: renew it (otpgate pki)",
+            f"expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: ask for a new one "
+            "(otpgate pki issue; for a server, otpgate pki server)",
         )
     if leaf.not_valid_before_utc > moment:
         raise IdentityProblem(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import os
 import stat
 import tomllib
@@ -37,6 +36,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from otpgate import pki
 from otpgate.errors import ClientError, InvalidArgument
 
 PROFILE = Path("otpgate") / "remote.toml"
@@ -231,33 +231,14 @@ def _certificates(setting: _Setting, data: bytes) -> list[x509.Certificate]:
 def _check_pair(
     cert_setting: _Setting, cert: x509.Certificate, key_setting: _Setting, key_pem: bytes
 ) -> None:
+    # otpgated's own check (its edges use it): a broken pair is named here, before
+    # gRPC would only report a closed socket.
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError:
-        raise InvalidArgument(
-            key_setting.origin, f"{key_setting.value} is encrypted: otpgate needs it unencrypted"
-        ) from None
-    except ValueError:
-        raise InvalidArgument(
-            key_setting.origin, f"{key_setting.value} holds no PEM private key"
-        ) from None
-    if key.public_key() != cert.public_key():
-        raise InvalidArgument(
-            key_setting.origin, f"{key_setting.value} is not the key of {cert_setting.value}"
-        )
-    now = dt.datetime.now(dt.UTC)
-    if cert.not_valid_after_utc < now:
-        raise InvalidArgument(
-            cert_setting.origin,
-            f"{cert_setting.value} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
-            "ask for a new one (otpgate pki issue)",
-        )
-    if cert.not_valid_before_utc > now:
-        raise InvalidArgument(
-            cert_setting.origin,
-            f"{cert_setting.value} is valid only from "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is this clock right?)",
-        )
+        pki.check_identity(cert.public_bytes(serialization.Encoding.PEM), key_pem, usage="client")
+    except pki.IdentityProblem as exc:
+        setting = key_setting if exc.part == "key" else cert_setting
+        message = str(exc).replace("the certificate", cert_setting.value)
+        raise InvalidArgument(setting.origin, f"{setting.value} {message}") from None
 
 
 def _common_name(cert: x509.Certificate) -> str:
