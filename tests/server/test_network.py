@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -809,3 +810,41 @@ def test_a_storm_of_sighups_neither_kills_nor_hangs_the_daemon(
     started = time.monotonic()
     assert central.daemon.stop() == 0
     assert time.monotonic() - started < 15
+
+
+def test_calls_that_never_send_their_request_hold_no_worker(
+    make_central: Callable[..., Central], make_edge: Callable[..., Daemon], user: LocalUser
+) -> None:
+    # A revoked certificate (or one without a role) opens as many calls as the
+    # listener has workers and never sends their messages: it is refused at the
+    # headers, and an edge's questions are still answered (else an edge under
+    # fail=safe would read the silence as "unavailable" and skip the code).
+    central = make_central({"admin1": "admin", "edge1": "host", "edge2": "host"})
+    admin = central.daemon.admin()
+    admin.UpdateConfig(pb.UpdateConfigRequest(enabled=True, services_ssh=True), timeout=5)
+    admin.RenewSecret(pb.RenewSecretRequest(username=user.name), timeout=5)
+    serial = serial_of(central.pki.issue("edge2", "host")[0])
+    extra = f'tls_deny_serials = ["{serial:x}"]'
+    after = reload(central, central_toml(central.pki, central.port, central.roles, extra))
+    wait_for_log(central.daemon, r"reloaded tls .*revoked=1", after=after)
+    edge = make_edge(central.address)
+    stall = central.channel("edge2", "host").stream_unary(
+        f"/{HOST}/Check", request_serializer=lambda m: m, response_deserializer=None
+    )
+    never = threading.Event()
+
+    def silence() -> Iterator[bytes]:
+        never.wait()
+        yield b""
+
+    stalled = [stall.future(silence()) for _ in range(32)]
+    try:
+        ask = pb.PamRequest(username=user.name, service="sshd")
+        for _ in range(3):
+            assert edge.pam().Check(ask, timeout=5).verdict == pb.VERDICT_OTP_REQUIRED
+        refused_ = [f for f in stalled if f.done()]
+        assert refused_ and all(f.code() == grpc.StatusCode.UNAUTHENTICATED for f in refused_)
+    finally:
+        never.set()
+        for future in stalled:
+            future.cancel()

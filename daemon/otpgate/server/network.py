@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -39,15 +39,14 @@ log = logging.getLogger("otpgated")
 # Distinct certificates worth remembering the parse of (a fleet's hosts and admins).
 _PARSED_CACHE = 4096
 # Anyone who reaches the port can open connections before any certificate is shown:
-# a handshake must come quickly, connections are counted, and none lives for ever
-# (so a CA taken out of tls_client_ca, or a certificate that expires, also ends the
-# connections it opened; the guard refuses their calls meanwhile).
+# a handshake must come quickly and connections are counted. An edge's connection
+# is kept as long as it lives (no maximum age): one it had to open again while
+# someone fills the count would find no room. The guard judges every call, so an
+# open connection gains nothing once its certificate is revoked or expired.
 _LISTENER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.server_handshake_timeout_ms", 5000),
     ("grpc.max_allowed_incoming_connections", 4096),
     ("grpc.max_concurrent_streams", 32),
-    ("grpc.max_connection_age_ms", 3_600_000),
-    ("grpc.max_connection_age_grace_ms", 10_000),
 ]
 
 
@@ -173,7 +172,23 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         handler = continuation(details)
         if handler is None:
             return _refusal(method)
-        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        # Every method is served as one that takes a stream of requests, so that the
+        # caller is judged as soon as the call's headers arrive: a unary handler runs
+        # only once its message has come, and a caller who never sends it (revoked,
+        # without a role) would hold a worker thread meanwhile.
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._first_message(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._first_message(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        kinds = ("stream_unary", "stream_stream")
         changes = {
             kind: self._guarded(method, getattr(handler, kind))
             for kind in kinds
@@ -181,58 +196,71 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         }
         return handler._replace(**changes)
 
+    def _first_message(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def admitted(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            self._admit(method, context)
+            request = next(requests, None)
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request")
+            return behavior(request, context)
+
+        return admitted
+
     def _guarded(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(behavior)
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            identity = self.identify(context)
-            if identity is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
-            assert identity is not None
-            if identity.refusal is not None:
-                reason = "revoked" if identity.refusal == "is revoked" else "certificate"
-                log.warning(
-                    "remote_refused %s method=%s reason=%s", identity.caller, method, reason
-                )
-                context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"certificate {identity.name!r} (serial {identity.serial:x}) "
-                    f"{identity.refusal}",
-                )
-            # Health too only for a role, and never its Watch: a stream that holds a
-            # worker thread for as long as the caller likes is not for the network.
-            allowed = (
-                identity.role is not None and method == "/grpc.health.v1.Health/Check"
-            ) or roles.allowed(identity.role, method)
-            if not allowed:
-                log.warning("remote_refused %s method=%s reason=role", identity.caller, method)
-                if identity.role is None:
-                    context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"certificate {identity.name!r} has no role in otpgated's [roles]",
-                    )
-                context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"role {identity.role} may not call {method.rsplit('/', 1)[-1]}",
-                )
-            # Admin calls (changes among them) are few and each is worth a line; the
-            # hosts' questions are logins, which the gate logs already.
-            if method.startswith(f"/{roles.ADMIN_SERVICE}/"):
-                log.info("remote_call %s method=%s", identity.caller, method.rsplit("/", 1)[-1])
+            self._admit(method, context)
             return behavior(request, context)
 
         return guarded
 
+    def _admit(self, method: str, context: grpc.ServicerContext) -> Identity:
+        """The caller, if its certificate may call `method` now; else the call ends."""
+        identity = self.identify(context)
+        if identity is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        assert identity is not None
+        if identity.refusal is not None:
+            reason = "revoked" if identity.refusal == "is revoked" else "certificate"
+            log.warning("remote_refused %s method=%s reason=%s", identity.caller, method, reason)
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"certificate {identity.name!r} (serial {identity.serial:x}) {identity.refusal}",
+            )
+        # Health too only for a role, and never its Watch: a stream that holds a
+        # worker thread for as long as the caller likes is not for the network.
+        allowed = (
+            identity.role is not None and method == "/grpc.health.v1.Health/Check"
+        ) or roles.allowed(identity.role, method)
+        if not allowed:
+            log.warning("remote_refused %s method=%s reason=role", identity.caller, method)
+            if identity.role is None:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"certificate {identity.name!r} has no role in otpgated's [roles]",
+                )
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role {identity.role} may not call {method.rsplit('/', 1)[-1]}",
+            )
+        # Admin calls (changes among them) are few and each is worth a line; the
+        # hosts' questions are logins, which the gate logs already.
+        if method.startswith(f"/{roles.ADMIN_SERVICE}/"):
+            log.info("remote_call %s method=%s", identity.caller, method.rsplit("/", 1)[-1])
+        return identity
+
 
 def _refusal(method: str) -> Any:
     # Methods this listener does not serve (PamGate, UserSelfService, reflection)
-    # are refused as a role's missing method is, whoever asks.
-    def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+    # are refused as a role's missing method is, whoever asks, without waiting for
+    # a request (see Guard.intercept_service).
+    def refuse(requests: Iterator[bytes], context: grpc.ServicerContext) -> None:
         context.abort(
             grpc.StatusCode.PERMISSION_DENIED,
             f"{method.rsplit('/', 1)[-1] or method} is not served on the network listener",
         )
 
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 @dataclasses.dataclass(frozen=True)
