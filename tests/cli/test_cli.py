@@ -1370,7 +1370,7 @@ def test_readme_cli_table_lists_every_command() -> None:
     named = {re.match(r"\| `otpgate ([a-z-]+(?: (?:show|list|ssh))?)", row)[1] for row in rows}  # type: ignore[index]
     assert named == {"config", "update", "renew-secret", "provisioning-uri", "verify",
                      "confirm", "unset-secret", "unlock", "recovery-codes", "import", "audit",
-                     "rotate-key",
+                     "rotate-key", "pki",
                      "user show",
                      "user list", "doctor", "setup ssh"}  # fmt: skip
 
