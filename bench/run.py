@@ -23,7 +23,8 @@ from pathlib import Path
 
 from bench import lib
 
-SECTIONS = ("hook_latency", "throughput", "storm", "login", "guess_rate", "scale", "network")
+SECTIONS = ("hook_latency", "throughput", "storm", "login", "guess_rate", "scale", "network",
+            "ssh_login")  # fmt: skip
 EXTRA = ("pg_profile",)  # only with --only: a diagnosis, not a measurement to track
 
 
