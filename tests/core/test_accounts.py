@@ -112,7 +112,7 @@ def test_the_cache_is_bounded() -> None:
     cache = nss.cache(ttl=3600.0, max_entries=3)
     for name in ("a1", "a2", "a3", "a4"):
         cache(name)
-    assert len(cache._entries) <= 3
+    assert len(cache._cache._entries) <= 3
 
 
 def test_stamp_follows_the_real_passwd_file(make_user: Callable[..., LocalUser]) -> None:

@@ -11,10 +11,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from otpgate.core.ports import AccountLookup
 from otpgate.core.records import Account, AccountDetails
 from otpgate.errors import InvalidArgument
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 # POSIX portable names plus what directory services use (user@realm, DOMAIN\user).
 _USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\\-]{0,255}\$?")
@@ -94,6 +98,46 @@ def group_files_stamp() -> Hashable:
     return None if group is None or passwd is None else (group, passwd)
 
 
+class _StampedCache(Generic[K, V]):
+    """Answers kept for at most `ttl` seconds, all dropped when the stamp of the
+    files they come from changes (or cannot be read)."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        max_entries: int,
+        clock: Callable[[], float],
+        stamp: Callable[[], Hashable],
+    ) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._stamp = stamp
+        self._lock = threading.Lock()
+        self._seen_stamp: Hashable = None
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K, compute: Callable[[], V]) -> V:
+        now = self._clock()
+        stamp = self._stamp()
+        with self._lock:
+            if stamp is None or stamp != self._seen_stamp:
+                self._entries.clear()
+                self._seen_stamp = stamp
+            elif (hit := self._entries.get(key)) is not None and now < hit[0]:
+                return hit[1]
+        value = compute()
+        with self._lock:
+            # Only an answer read after the stamp still current is kept: one read
+            # while the file was being replaced must not outlive the change.
+            if stamp is not None and stamp == self._seen_stamp:
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+                self._entries[key] = (now + self._ttl, value)
+        return value
+
+
 class CachedGroupNames:
     """group_names answers reused for at most `ttl` seconds, dropped when /etc/group
     or /etc/passwd changes (usermod -aG, groupadd, gpasswd rewrite them), keyed by
@@ -110,31 +154,13 @@ class CachedGroupNames:
         stamp: Callable[[], Hashable] = group_files_stamp,
     ) -> None:
         self._lookup = lookup
-        self._ttl = ttl
-        self._max_entries = max_entries
-        self._clock = clock
-        self._stamp = stamp
-        self._lock = threading.Lock()
-        self._seen_stamp: Hashable = None
-        self._entries: dict[tuple[str, int, int], tuple[float, frozenset[str]]] = {}
+        self._cache: _StampedCache[tuple[str, int, int], frozenset[str]] = _StampedCache(
+            ttl=ttl, max_entries=max_entries, clock=clock, stamp=stamp
+        )
 
     def __call__(self, account: Account) -> frozenset[str]:
         key = (account.username, account.uid, account.gid)
-        now = self._clock()
-        stamp = self._stamp()
-        with self._lock:
-            if stamp is None or stamp != self._seen_stamp:
-                self._entries.clear()
-                self._seen_stamp = stamp
-            elif (hit := self._entries.get(key)) is not None and now < hit[0]:
-                return hit[1]
-        names = self._lookup(account)
-        with self._lock:
-            if stamp is not None and stamp == self._seen_stamp:
-                if len(self._entries) >= self._max_entries:
-                    self._entries.clear()
-                self._entries[key] = (now + self._ttl, names)
-        return names
+        return self._cache.get(key, lambda: self._lookup(account))
 
 
 def passwd_file_stamp() -> Hashable:
@@ -163,32 +189,12 @@ class CachedAccountLookup:
         stamp: Callable[[], Hashable] = passwd_file_stamp,
     ) -> None:
         self._lookup = lookup
-        self._ttl = ttl
-        self._max_entries = max_entries
-        self._clock = clock
-        self._stamp = stamp
-        self._lock = threading.Lock()
-        self._seen_stamp: Hashable = None
-        self._entries: dict[str, tuple[float, Account | None]] = {}
+        self._cache: _StampedCache[str, Account | None] = _StampedCache(
+            ttl=ttl, max_entries=max_entries, clock=clock, stamp=stamp
+        )
 
     def __call__(self, username: str) -> Account | None:
-        now = self._clock()
-        stamp = self._stamp()
-        with self._lock:
-            if stamp is None or stamp != self._seen_stamp:
-                self._entries.clear()
-                self._seen_stamp = stamp
-            elif (hit := self._entries.get(username)) is not None and now < hit[0]:
-                return hit[1]
-        account = self._lookup(username)
-        with self._lock:
-            # Only an answer read after the stamp still current is kept: one read
-            # while the file was being replaced must not outlive the change.
-            if stamp is not None and stamp == self._seen_stamp:
-                if len(self._entries) >= self._max_entries:
-                    self._entries.clear()
-                self._entries[username] = (now + self._ttl, account)
-        return account
+        return self._cache.get(username, lambda: self._lookup(username))
 
 
 def _is_local(username: str) -> bool:

@@ -26,7 +26,7 @@ from otpgate.core.accounts import CachedAccountLookup, CachedGroupNames, lookup_
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.paths import prepare_dir
-from otpgate.core.ports import Store
+from otpgate.core.ports import SelfService, Store
 from otpgate.core.service import TwoFactorService
 from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
@@ -37,7 +37,7 @@ from otpgate.server.handlers import method_table
 from otpgate.server.host_gate import HostGateServicer
 from otpgate.server.keys import check_key_location, load_keyring
 from otpgate.server.monitor import DatabaseMonitor, set_health
-from otpgate.server.network import NetworkListener, TlsSettings, load_tls
+from otpgate.server.network import NetworkListener, TlsSettings, load_tls, read_limited
 from otpgate.server.pam import PamServicer
 from otpgate.server.relay import Budgets, CallerRegistry, UserSocketRelay
 from otpgate.server.user import UserServicer
@@ -294,6 +294,28 @@ def _start_listener(
     return listener
 
 
+def _user_server(
+    config: daemon_config.DaemonConfig,
+    private_dir: str,
+    callers: CallerRegistry,
+    service: SelfService,
+    passwords: PamPasswordChecker,
+) -> UserServer:
+    """The user gRPC server behind the relay, on its root-only socket."""
+    user = UserServer(
+        os.path.join(private_dir, "user.sock"),
+        workers=config.workers,
+        calls_per_uid=config.user_calls_per_uid,
+        callers=callers,
+        options=_SERVER_OPTIONS,
+    )
+    _remove_stale_socket(user.path)
+    user.add(
+        _service("UserSelfService"), UserServicer(service, Logins(service, passwords), callers)
+    )
+    return user
+
+
 def _start_relay(
     config: daemon_config.DaemonConfig, user: UserServer, callers: CallerRegistry, budgets: Budgets
 ) -> UserSocketRelay:
@@ -312,23 +334,15 @@ def _start_relay(
     return relay
 
 
-def _read_pem(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(1024 * 1024)
-    except OSError as exc:
-        raise OtpgateError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
 def _reload_upstreams(upstreams: Upstreams, argv: list[str]) -> None:
     # The edge's certificate, key and upstream CA again (renewed certificates); the
     # list of upstreams and everything else wait for a restart.
     try:
         config = daemon_config.load(argv)
         upstreams.reload(
-            ca_pem=_read_pem(config.upstream_ca, "upstream_ca"),
-            cert_pem=_read_pem(config.tls_cert, "tls_cert"),
-            key_pem=_read_pem(config.tls_key, "tls_key"),
+            ca_pem=read_limited(config.upstream_ca, "upstream_ca"),
+            cert_pem=read_limited(config.tls_cert, "tls_cert"),
+            key_pem=read_limited(config.tls_key, "tls_key"),
         )
     except Exception as exc:  # a failed reload must never stop the daemon
         _reload_failed(exc)
@@ -349,27 +363,16 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
     budgets = _user_budgets(config)
     upstreams = Upstreams(
         config.upstreams,
-        ca_pem=_read_pem(config.upstream_ca, "upstream_ca"),
-        cert_pem=_read_pem(config.tls_cert, "tls_cert"),
-        key_pem=_read_pem(config.tls_key, "tls_key"),
+        ca_pem=read_limited(config.upstream_ca, "upstream_ca"),
+        cert_pem=read_limited(config.tls_cert, "tls_cert"),
+        key_pem=read_limited(config.tls_key, "tls_key"),
         timeout=config.upstream_timeout,
     )
     relay: UserSocketRelay | None = None
     try:
         passwords = PamPasswordChecker(config.password_pam_service)
         callers = CallerRegistry()
-        user = UserServer(
-            os.path.join(private_dir, "user.sock"),
-            workers=config.workers,
-            calls_per_uid=config.user_calls_per_uid,
-            callers=callers,
-            options=_SERVER_OPTIONS,
-        )
-        _remove_stale_socket(user.path)
-        remote = UpstreamSelfService(upstreams)
-        user.add(
-            _service("UserSelfService"), UserServicer(remote, Logins(remote, passwords), callers)
-        )
+        user = _user_server(config, private_dir, callers, UpstreamSelfService(upstreams), passwords)
         pam = Socket(config.socket("pam"), config.workers, 0o600, None)
         pam.add(_service("PamGate"), EdgePamServicer(upstreams, passwords))
         signals = _Signals()
@@ -440,18 +443,7 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
         admin.add(_service("TwoFactorAdmin"), AdminServicer(service))
         passwords = PamPasswordChecker(config.password_pam_service)
         callers = CallerRegistry()
-        user = UserServer(
-            os.path.join(private_dir, "user.sock"),
-            workers=config.workers,
-            calls_per_uid=config.user_calls_per_uid,
-            callers=callers,
-            options=_SERVER_OPTIONS,
-        )
-        _remove_stale_socket(user.path)
-        user.add(
-            _service("UserSelfService"),
-            UserServicer(service, Logins(service, passwords), callers),
-        )
+        user = _user_server(config, private_dir, callers, service, passwords)
         pam = Socket(config.socket("pam"), config.workers, 0o600, None)
         pam.add(_service("PamGate"), PamServicer(service, passwords))
 

@@ -80,7 +80,8 @@ class TlsSettings:
     role_of: Mapping[str, str]
 
 
-def _read(path: str, what: str) -> bytes:
+def read_limited(path: str, what: str) -> bytes:
+    """A certificate, key or CRL file (at most 1 MiB); ConfigError naming `what`."""
     try:
         with open(path, "rb") as f:
             return f.read(1024 * 1024)
@@ -98,9 +99,9 @@ def load_tls(
     role_of: Mapping[str, str],
 ) -> TlsSettings:
     """The listener's files, checked so that a broken reload is refused whole."""
-    cert_pem = _read(cert, "tls_cert")
-    key_pem = _read(key, "tls_key")
-    ca_pem = _read(client_ca, "tls_client_ca")
+    cert_pem = read_limited(cert, "tls_cert")
+    key_pem = read_limited(key, "tls_key")
+    ca_pem = read_limited(client_ca, "tls_client_ca")
     try:
         pki.check_identity(cert_pem, key_pem, usage="server")
     except pki.IdentityProblem as exc:
