@@ -40,6 +40,7 @@ def render_pam_snippet(
     suffix = "-always" if prompt == "always" else ""
     text = (PACKAGING / "pam.d" / f"otpgate-ssh-{flow}{suffix}").read_text()
     extra = f" {hook_options}" if hook_options else ""
+    text = text.replace("/run/otpgate/gate", str(Path(pam_socket).parent / "gate"))
     return _HOOK_CALL.sub(rf"\g<1>{HOOK} \g<2> socket={pam_socket}{extra}", text)
 
 

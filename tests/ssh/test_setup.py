@@ -229,7 +229,7 @@ def test_switching_prompt_variant_then_undo_restores_the_first_originals(
     ("flow", "hook", "options", "complaint"),
     [
         ("password", "/nonexistent/otpgate-pam-hook", "", "--hook: no otpgate hook at"),
-        ("password", HOOK, "fail=bogus", "--hook-options: the hook (first-factor-done)"),
+        ("password", HOOK, "fail=bogus", "--hook-options: the hook (check)"),
         ("password", HOOK, "timeout=0", "timeout= must be from 0.1 to 30"),
         ("single-prompt", HOOK, "fail=safe", "fail=safe"),
     ],

@@ -122,6 +122,7 @@ class TwoFactorService:
         details: AccountDetailsLookup = account_details,
         groups: GroupNamesLookup = group_names,
         clock: Clock = time.time,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._keyring = keyring
@@ -134,6 +135,9 @@ class TwoFactorService:
         self._details = details
         self._groups = groups
         self._clock = clock
+        # Told after each change of settings or of who is enrolled (server.gate_writer
+        # rewrites the SSH stacks' gate files then); it must not raise.
+        self._on_change = on_change or (lambda: None)
         self.check_key()
         self._recovery_key = self._load_recovery_key()
 
@@ -184,6 +188,7 @@ class TwoFactorService:
                 updated, audit="changed " + ",".join(changed), now=int(self._clock())
             )
             log.info("settings_updated fields=%s", ",".join(changed))
+            self._on_change()
         return updated
 
     def effective_issuer(self, settings: Settings) -> str:
@@ -269,6 +274,7 @@ class TwoFactorService:
             return dataclasses.replace(view, provisioning_uri=uri)
         if not self._store.put_secret(record, expected=expected):
             raise SecretChanged(f"the 2FA secret of {account.username} changed meanwhile")
+        self._on_change()
         log.info("secret_renewed user=%s digits=%d interval=%d", account.username, digits, seconds)
         return UserView(self._details(account), record, provisioning_uri=uri)
 
@@ -302,6 +308,7 @@ class TwoFactorService:
             account.username, account.uid, record.sealed, step, now=int(now), expected=expected
         ):
             raise SecretChanged(f"the 2FA secret of {account.username} changed meanwhile")
+        self._on_change()
         log.info("secret_confirmed user=%s", account.username)
         return self._view(account, self._record_for(account))
 
@@ -325,6 +332,7 @@ class TwoFactorService:
             account = AccountDetails(record.username, record.uid, 0, "", "", "", (), False)
         if self._store.delete_secret(account.username, now=int(self._clock())):
             log.info("secret_unset user=%s", account.username)
+            self._on_change()
         return UserView(account, None)
 
     def enrollment(self, username: str) -> Enrollment:
@@ -363,6 +371,15 @@ class TwoFactorService:
     def get_user(self, username: str) -> UserView:
         account = self._account(username)
         return self._view(account, self._record_for(account))
+
+    def enrolled_accounts(self) -> list[Account]:
+        """Every account with a secret of its own (list_users without the views)."""
+        accounts = []
+        for record in self._store.list_secrets():
+            account = self._accounts(record.username)
+            if account is not None and account.uid == record.uid:
+                accounts.append(account)
+        return accounts
 
     def list_users(self) -> list[UserView]:
         views = []
@@ -444,6 +461,8 @@ class TwoFactorService:
         enrolled = [r.username for r, _ in items if self._record_for_name(r) is not None]
         if not dry_run and not enrolled:
             enrolled = self._store.import_secrets(items, now=now)
+            if not enrolled:
+                self._on_change()
         if enrolled:
             raise FailedPrecondition(
                 f"already enrolled, so nothing was imported: {', '.join(enrolled)} "

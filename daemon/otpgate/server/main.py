@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from otpgate import __version__
 from otpgate.core.accounts import CachedAccountLookup, CachedGroupNames, lookup_account
+from otpgate.core.gate_files import GateLists, gate_lists
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
 from otpgate.core.paths import prepare_dir
@@ -33,6 +34,7 @@ from otpgate.server import config as daemon_config
 from otpgate.server import logs, maintenance, sdnotify
 from otpgate.server.admin import AdminServicer
 from otpgate.server.edge import EdgePamServicer, Upstreams, UpstreamSelfService
+from otpgate.server.gate_writer import GateWriter
 from otpgate.server.handlers import method_table
 from otpgate.server.host_gate import HostGateServicer
 from otpgate.server.keys import check_key_location, load_keyring
@@ -178,6 +180,13 @@ def _prepare_dir(path: str, mode: int) -> None:
     # state) must have exactly its mode, so a 0755 one is refused; the sockets'
     # 0755 directory need only be writable by nobody else.
     prepare_dir(path, mode, exact=not mode & 0o077, subject=f"directory {path}")
+
+
+def _gate_dir(config: daemon_config.DaemonConfig) -> str:
+    # Root's alone: who is enrolled is nobody else's business (core.gate_files).
+    path = os.path.join(config.runtime_dir, "gate")
+    _prepare_dir(path, 0o700)
+    return path
 
 
 def open_daemon_store(config: daemon_config.DaemonConfig, *, upgrade: bool = False) -> Store:
@@ -360,6 +369,9 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
     _prepare_dir(config.runtime_dir, 0o755)
     private_dir = os.path.join(config.runtime_dir, "private")
     _prepare_dir(private_dir, 0o700)
+    # An edge knows no secrets, so it lists nobody: each login asks `check` (two
+    # hook calls when a code is needed), and pam_listfile finds a file to read.
+    GateWriter(_gate_dir(config), GateLists).write_now()
     budgets = _user_budgets(config)
     upstreams = Upstreams(
         config.upstreams,
@@ -424,13 +436,16 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
     # caller of it came through the relay, which knows who they are.
     private_dir = os.path.join(config.runtime_dir, "private")
     _prepare_dir(private_dir, 0o700)
+    gate_dir = _gate_dir(config)
     gid = _admin_gid(config.admin_group)
     budgets = _user_budgets(config)
     store = open_daemon_store(config)
     relay: UserSocketRelay | None = None
     listener: NetworkListener | None = None
+    gate: GateWriter | None = None
     try:
         keyring = load_keyring(config, store)
+        gate = GateWriter(gate_dir, lambda: gate_lists(service))
         service = TwoFactorService(
             store,
             keyring,
@@ -438,7 +453,9 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
             accounts=CachedAccountLookup(),
             accounts_for_enrollment=lookup_account,
             groups=CachedGroupNames(),
+            on_change=gate.changed,
         )
+        gate.start()
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
         admin.add(_service("TwoFactorAdmin"), AdminServicer(service))
         passwords = PamPasswordChecker(config.password_pam_service)
@@ -509,6 +526,8 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
         log.info("stopped")
         return 0
     finally:
+        if gate is not None:
+            gate.stop()
         if relay is not None:
             relay.stop()
             # The user gRPC server's own socket (gRPC leaves a Unix socket behind).

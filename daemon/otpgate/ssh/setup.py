@@ -29,6 +29,7 @@ FLOWS = ("password", "publickey", "single-prompt")
 PROMPTS = ("when-needed", "always")
 HOOK_CANDIDATES = ("/usr/lib/otpgate/otpgate-pam-hook", "/usr/local/lib/otpgate/otpgate-pam-hook")
 _TEMPLATE_HOOK = "/usr/local/lib/otpgate/otpgate-pam-hook"
+_TEMPLATE_GATE_DIR = "/run/otpgate/gate"
 _COMMON_AUTH = re.compile(r"^@include\s+common-auth\s*$", re.MULTILINE)
 _OUR_INCLUDE = re.compile(r"^@include\s+otpgate-ssh-[a-z-]+\s*$", re.MULTILINE)
 DROPIN_NAME = "otpgate.conf"
@@ -82,11 +83,16 @@ def pam_snippet_name(flow: str, prompt: str = "when-needed") -> str:
 def render_pam(name: str, hook: str, hook_options: str = "") -> str:
     text = snippet(name)
     replacement = hook + (" {mode} " + hook_options if hook_options else " {mode}")
-    return re.sub(
+    text = re.sub(
         re.escape(_TEMPLATE_HOOK) + r" (\S+)",
         lambda m: replacement.format(mode=m.group(1)),
         text,
     )
+    # The daemon keeps its gate files beside its sockets (runtime_dir/gate).
+    sockets = [o.split("=", 1)[1] for o in hook_options.split() if o.startswith("socket=")]
+    if sockets:
+        text = text.replace(_TEMPLATE_GATE_DIR, os.path.join(os.path.dirname(sockets[-1]), "gate"))
+    return text
 
 
 def check_hook_line(name: str, hook: str, hook_options: str) -> None:

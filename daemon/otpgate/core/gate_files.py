@@ -1,0 +1,114 @@
+"""What the SSH stacks' in-process gate reads before the code prompt.
+
+A prompt-when-needed stack once ran the hook twice per login: `check` (is a code
+needed?) before the prompt, `verify` after it. Two stock modules now answer the
+first question in-process for most logins, from two files the daemon keeps:
+
+    ask            pam_listfile (item=user sense=allow): one account per line, each
+                   enrolled and asked for a code from an address no exemption covers
+    networks.conf  pam_access: for a listed account, whether this address is exempt
+                   (then `check` runs after all, and says "no code")
+
+The files can only ever skip `check`, never the code: a login they let past goes to
+the prompt and to `verify`, where the daemon decides as it always did. So every
+flaw of theirs fails closed. An account missing from `ask` (the file missing, cut
+short, stale, refused by pam_listfile for its mode) goes through `check`, today's
+two hook calls; an account listed wrongly (its secret removed since, or an exempt
+network the file does not know) is shown a prompt it need not answer: `verify`
+with first-factor=required lets any answer through when the daemon says no code is
+needed.
+
+Names are written only if neither module can read them as anything but that one
+account (pam_access treats ALL, LOCAL, EXCEPT, @netgroup and (group) specially); a
+name left out costs its logins the extra `check`, nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+
+from otpgate.core import policy
+from otpgate.core.records import Account
+from otpgate.core.service import TwoFactorService
+from otpgate.core.settings import Settings
+
+__all__ = ["ASK_FILE", "NETWORKS_FILE", "GateLists", "gate_lists", "render_ask", "render_networks"]
+
+ASK_FILE = "ask"
+NETWORKS_FILE = "networks.conf"
+# The PAM service a gate line serves: the stacks are SSH's ("sshd", "sshd-...").
+_SSH_SERVICE = "sshd"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\$?")
+_ACCESS_KEYWORDS = frozenset({"ALL", "LOCAL", "EXCEPT"})
+
+
+@dataclasses.dataclass(frozen=True)
+class GateLists:
+    # Enrolled accounts asked for a code from any address no exempt network covers.
+    asked: tuple[str, ...] = ()
+    # Of those, the ones a required group asks from everywhere (exempt networks too).
+    everywhere: tuple[str, ...] = ()
+    # exempt_networks, each also in its other notation (10.0.0.0/8 and
+    # ::ffff:10.0.0.0/104), as the policy matches both.
+    networks: tuple[str, ...] = ()
+
+
+def _plain(name: str) -> bool:
+    return bool(_PLAIN_NAME.fullmatch(name)) and name.upper() not in _ACCESS_KEYWORDS
+
+
+def _both_notations(text: str) -> list[str]:
+    network = ipaddress.ip_network(text)
+    forms = [str(network)]
+    if isinstance(network, ipaddress.IPv4Network):
+        mapped = ipaddress.IPv6Address(f"::ffff:{network.network_address}")
+        forms.append(f"{mapped}/{96 + network.prefixlen}")
+    else:
+        inner = network.network_address.ipv4_mapped
+        if inner is not None and network.prefixlen >= 96:
+            forms.append(f"{inner}/{network.prefixlen - 96}")
+    return forms
+
+
+def gate_lists(service: TwoFactorService) -> GateLists:
+    """The lists for the service's current settings, secrets and groups."""
+    settings = service.get_config()
+    networks = tuple(n for text in settings.exempt_networks for n in _both_notations(text))
+    if not policy.covers(settings, _SSH_SERVICE):
+        return GateLists(networks=networks)
+    asked: list[str] = []
+    everywhere: list[str] = []
+    now = service.now()
+    for account in service.enrolled_accounts():
+        if not _plain(account.username):
+            continue
+        rule = _rule(service, settings, account)
+        access = policy.conclude(settings, rule, covered=True, known=True, enrolled=True, now=now)
+        if access.asked and not access.refused:
+            asked.append(account.username)
+            if rule.reason is policy.Reason.REQUIRED_GROUP:
+                everywhere.append(account.username)
+    return GateLists(tuple(sorted(asked)), tuple(sorted(everywhere)), networks)
+
+
+def _rule(service: TwoFactorService, settings: Settings, account: Account) -> policy.Match:
+    # From no address: only the groups can exempt here; networks.conf does the rest.
+    return policy.match(settings, known=True, groups=lambda: service.group_names(account), rhost="")
+
+
+def render_ask(lists: GateLists) -> str:
+    return "".join(f"{name}\n" for name in lists.asked)
+
+
+def render_networks(lists: GateLists) -> str:
+    """pam_access rules: success (no exemption: go to the prompt) unless the address
+    is in an exempt network and no required group names the account."""
+    lines = ["# Written by otpgated; rewritten whenever settings or secrets change.\n"]
+    if lists.networks:
+        # One entry per line: pam_access reads lines into a fixed buffer.
+        lines += [f"+ : {name} : ALL\n" for name in lists.everywhere]
+        lines += [f"- : ALL : {network}\n" for network in lists.networks]
+    lines.append("+ : ALL : ALL\n")
+    return "".join(lines)

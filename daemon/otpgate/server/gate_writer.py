@@ -1,0 +1,104 @@
+"""Keeps the SSH stacks' gate files (core.gate_files) in step with the store.
+
+A thread rewrites them at start, soon after every change this daemon makes
+(TwoFactorService's on_change), and every REFRESH_SECONDS for what it cannot see
+happen: another daemon's change in a shared database, a group's new member, an
+enrollment deadline passing. Each file is written whole beside itself and renamed
+over the old one, so pam_listfile and pam_access read the old list or the new one,
+never half of one. When the lists cannot be made (the database is away), the files
+stay as they were: core.gate_files says why a stale list costs a prompt or a
+hook call, never a code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from otpgate.core.gate_files import (
+    ASK_FILE,
+    NETWORKS_FILE,
+    GateLists,
+    render_ask,
+    render_networks,
+)
+
+__all__ = ["REFRESH_SECONDS", "GateWriter", "write_file"]
+
+log = logging.getLogger("otpgated")
+
+REFRESH_SECONDS = 30.0
+
+
+def write_file(directory: str, name: str, text: str) -> None:
+    """Replace directory/name with text, root-only (0600), in one rename."""
+    path = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of a crash: O_EXCL below must make a new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class GateWriter:
+    def __init__(
+        self,
+        directory: str,
+        build: Callable[[], GateLists],
+        *,
+        refresh_seconds: float = REFRESH_SECONDS,
+    ) -> None:
+        self._directory = directory
+        self._build = build
+        self._refresh = refresh_seconds
+        self._wanted = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gate-writer", daemon=True)
+
+    def changed(self) -> None:
+        """Ask for a rewrite soon (called by the service after each change)."""
+        self._wanted.set()
+
+    def write_now(self) -> bool:
+        """Make the lists and write both files; False when it failed.
+
+        Written whole each time, changed or not: a file someone replaced, truncated
+        or chmod-ed is put right within REFRESH_SECONDS (tens of bytes per account,
+        on the runtime directory's tmpfs)."""
+        try:
+            lists = self._build()
+            write_file(self._directory, ASK_FILE, render_ask(lists))
+            write_file(self._directory, NETWORKS_FILE, render_networks(lists))
+        except Exception as exc:  # the old files stay: see the module's docstring
+            detail = exc.strerror if isinstance(exc, OSError) else ""
+            log.warning("gate_files_not_written error=%s %s", type(exc).__name__, detail or "")
+            return False
+        return True
+
+    def start(self) -> None:
+        self.write_now()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wanted.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wanted.wait(self._refresh)
+            self._wanted.clear()
+            if not self._stopping.is_set():
+                self.write_now()
