@@ -11,7 +11,8 @@ understand. Exit 0 lets PAM continue with success; 1 denies.
 Modes:  check              0 when the account needs no code for this service now
         verify             0 when the code on stdin (expose_authtok) is right
         single-prompt      0 when stdin holds the password immediately followed by the code
-        first-factor-done  0 when sshd reports a passed first factor (SSH_AUTH_INFO_0)
+        first-factor-done  0 when sshd reports a passed first factor (SSH_AUTH_INFO_0);
+                           the shipped stacks test that with /bin/sh, without Python
 Options: socket=PATH (absolute; default /run/otpgate/pam.sock)
          timeout=SECONDS (0.1..30; default 3)
          fail=secure|safe (what an unreachable daemon or database means: deny, or
