@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+from collections.abc import Collection
 
 from otpgate.core import policy
 from otpgate.core.records import Account
@@ -50,8 +51,7 @@ class GateLists:
     asked: tuple[str, ...] = ()
     # Of those, the ones a required group asks from everywhere (exempt networks too).
     everywhere: tuple[str, ...] = ()
-    # exempt_networks, each also in its other notation (10.0.0.0/8 and
-    # ::ffff:10.0.0.0/104), as the policy matches both.
+    # exempt_networks, as the settings hold them.
     networks: tuple[str, ...] = ()
 
 
@@ -72,25 +72,38 @@ def _both_notations(text: str) -> list[str]:
     return forms
 
 
-def gate_lists(service: TwoFactorService) -> GateLists:
-    """The lists for the service's current settings, secrets and groups."""
+MAX_ASK_NAMES = 4096
+
+
+def gate_lists(service: TwoFactorService, usernames: Collection[str] | None = None) -> GateLists:
+    """The lists for the service's current settings, secrets and groups.
+
+    With `usernames` (HostGate.AskList, for an edge's files): those names instead of
+    the enrolled accounts, each listed exactly when Check, from an address no
+    exemption covers, would ask it for a code; so unknown names are listed as
+    enrolled ones are, since Check does not tell them apart either."""
     settings = service.get_config()
-    networks = tuple(n for text in settings.exempt_networks for n in _both_notations(text))
+    networks = tuple(settings.exempt_networks)
     if not policy.covers(settings, _SSH_SERVICE):
         return GateLists(networks=networks)
+    holders = {account.username: account for account in service.enrolled_accounts()}
     asked: list[str] = []
     everywhere: list[str] = []
     now = service.now()
-    for account in service.enrolled_accounts():
-        if not _plain(account.username):
+    for name in sorted(holders if usernames is None else set(usernames)):
+        if not _plain(name):
             continue
-        rule = _rule(service, settings, account)
-        access = policy.conclude(settings, rule, covered=True, known=True, enrolled=True, now=now)
+        account = holders.get(name) or service.lookup(name)
+        rule = policy.Match() if account is None else _rule(service, settings, account)
+        access = policy.conclude(
+            settings, rule, covered=True, known=account is not None, enrolled=name in holders,
+            now=now,
+        )  # fmt: skip
         if access.asked and not access.refused:
-            asked.append(account.username)
+            asked.append(name)
             if rule.reason is policy.Reason.REQUIRED_GROUP:
-                everywhere.append(account.username)
-    return GateLists(tuple(sorted(asked)), tuple(sorted(everywhere)), networks)
+                everywhere.append(name)
+    return GateLists(tuple(asked), tuple(everywhere), networks)
 
 
 def _rule(service: TwoFactorService, settings: Settings, account: Account) -> policy.Match:
@@ -99,16 +112,25 @@ def _rule(service: TwoFactorService, settings: Settings, account: Account) -> po
 
 
 def render_ask(lists: GateLists) -> str:
-    return "".join(f"{name}\n" for name in lists.asked)
+    return "".join(f"{name}\n" for name in lists.asked if _plain(name))
 
 
 def render_networks(lists: GateLists) -> str:
     """pam_access rules: success (no exemption: go to the prompt) unless the address
     is in an exempt network and no required group names the account."""
     lines = ["# Written by otpgated; rewritten whenever settings or secrets change.\n"]
-    if lists.networks:
-        # One entry per line: pam_access reads lines into a fixed buffer.
-        lines += [f"+ : {name} : ALL\n" for name in lists.everywhere]
-        lines += [f"- : ALL : {network}\n" for network in lists.networks]
+    # Each network also in its other notation (10.0.0.0/8 and ::ffff:10.0.0.0/104),
+    # as the policy matches both; one entry per line, as pam_access reads lines into
+    # a fixed buffer. A network that does not parse (from an upstream) is left out:
+    # its logins are then asked `check`'s way or prompted, never spared a code.
+    networks = []
+    for text in lists.networks:
+        try:
+            networks += _both_notations(text)
+        except ValueError:
+            continue
+    if networks:
+        lines += [f"+ : {name} : ALL\n" for name in lists.everywhere if _plain(name)]
+        lines += [f"- : ALL : {network}\n" for network in networks]
     lines.append("+ : ALL : ALL\n")
     return "".join(lines)

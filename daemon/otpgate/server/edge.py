@@ -15,9 +15,12 @@ an account only with a grant from a code typed here a moment before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pwd
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +31,7 @@ from google.protobuf.message import Message
 from otpgate import pki
 from otpgate.core.accounts import lookup_account
 from otpgate.core.crypto import Sealed
+from otpgate.core.gate_files import MAX_ASK_NAMES, GateLists
 from otpgate.core.ports import PasswordChecker
 from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
 from otpgate.core.service import UserView, Verification, VerifyResult
@@ -69,7 +73,7 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 # (the code counted, or spent) after the edge stopped waiting, and "unavailable"
 # would let fail=safe in on a wrong code; such a call denies instead.
 _AWAY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-_READ_ONLY = {"Check", "GetUser"}
+_READ_ONLY = {"Check", "GetUser", "AskList"}
 _RESULT_FROM_PB = {v: k for k, v in RESULT_TO_PB.items()}
 
 
@@ -154,6 +158,9 @@ class Upstreams:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED and method not in _READ_ONLY:
+                    # Denied, but the next call starts elsewhere: with the gate files
+                    # most logins never ask Check, which would have moved on.
+                    self._move_past(index, f"{address}: {code.name} on {method}")
                     raise UpstreamRefused(
                         code.name,
                         f"upstream {address} did not answer {method} in time; it may have "
@@ -181,6 +188,14 @@ class Upstreams:
             "no upstream answered in time: " + ("; ".join(away) or "out of time")
         )
 
+    def _move_past(self, index: int, why: str) -> None:
+        with self._lock:
+            if self._first != index:
+                return
+            self._first = (index + 1) % len(self._stubs)
+            following = self.addresses[self._first]
+        log.warning("upstream_switched to=%s after=%s", following, why)
+
     def close(self) -> None:
         with self._lock:
             channels = self._channels
@@ -192,14 +207,54 @@ def _close_all(channels: list[grpc.Channel]) -> None:
         channel.close()
 
 
+class SeenNames:
+    """The names of the latest logins (at most `size`), for the edge's gate files:
+    an account NSS does not enumerate is listed once it has logged in."""
+
+    def __init__(self, size: int = MAX_ASK_NAMES, on_new: Callable[[], None] = lambda: None):
+        self._size = size
+        self._on_new = on_new
+        self._names: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            new = name not in self._names
+            self._names[name] = None
+            self._names.move_to_end(name)
+            while len(self._names) > self._size:
+                self._names.popitem(last=False)
+        if new:
+            self._on_new()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._names)
+
+
+def edge_gate_lists(upstreams: Upstreams, seen: SeenNames) -> GateLists:
+    """The gate files' lists, from the centrals (HostGate.AskList) for this host's
+    own accounts and the names of its latest logins, at most MAX_ASK_NAMES."""
+    names = dict.fromkeys(reversed(seen.names()))  # the latest first
+    with contextlib.suppress(OSError):
+        names.update(dict.fromkeys(entry.pw_name for entry in pwd.getpwall()))
+    request = pb.AskListRequest(usernames=list(names)[:MAX_ASK_NAMES])
+    reply: pb.AskListReply = upstreams.call("AskList", request)
+    return GateLists(tuple(reply.asked), tuple(reply.everywhere), tuple(reply.exempt_networks))
+
+
 class EdgePamServicer(pb_grpc.PamGateServicer):
     """PamGate on an edge's pam.sock: codes checked upstream, passwords here."""
 
-    def __init__(self, upstreams: Upstreams, passwords: PasswordChecker) -> None:
+    def __init__(
+        self, upstreams: Upstreams, passwords: PasswordChecker, seen: SeenNames | None = None
+    ) -> None:
         self._upstreams = upstreams
         self._passwords = passwords
+        self._seen = seen or SeenNames()
 
     def _ask(self, method: str, request: pb.PamRequest) -> pb.PamDecision:
+        self._seen.add(request.username)
         forwarded = pb.PamRequest(
             username=request.username,
             service=request.service,

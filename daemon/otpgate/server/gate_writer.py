@@ -59,10 +59,12 @@ class GateWriter:
         build: Callable[[], GateLists],
         *,
         refresh_seconds: float = REFRESH_SECONDS,
+        min_spacing: float = 0.0,
     ) -> None:
         self._directory = directory
         self._build = build
         self._refresh = refresh_seconds
+        self._spacing = min_spacing
         self._wanted = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gate-writer", daemon=True)
@@ -94,7 +96,8 @@ class GateWriter:
     def stop(self) -> None:
         self._stopping.set()
         self._wanted.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -102,3 +105,4 @@ class GateWriter:
             self._wanted.clear()
             if not self._stopping.is_set():
                 self.write_now()
+                self._stopping.wait(self._spacing)

@@ -28,6 +28,7 @@ import grpc
 
 from otpgate.core.crypto import Sealed
 from otpgate.core.gate import Decision, Gate, Verdict
+from otpgate.core.gate_files import MAX_ASK_NAMES, gate_lists
 from otpgate.core.ports import PasswordChecker
 from otpgate.core.service import PENDING_SECONDS, TwoFactorService
 from otpgate.core.throttle import Spacing
@@ -199,6 +200,17 @@ class HostGateServicer(pb_grpc.HostGateServicer):
             lambda: self._gate.verify(
                 request.username, request.service, request.authtok, request.rhost
             )
+        )
+
+    @rpc
+    def AskList(self, request: pb.AskListRequest, context: grpc.ServicerContext) -> pb.AskListReply:
+        # What Check answers for each name, in bulk (core.gate_files): a host learns
+        # nothing it could not ask Check one name at a time.
+        if len(request.usernames) > MAX_ASK_NAMES:
+            raise InvalidArgument("usernames", f"at most {MAX_ASK_NAMES} names per call")
+        lists = gate_lists(self._service, list(request.usernames))
+        return pb.AskListReply(
+            asked=lists.asked, everywhere=lists.everywhere, exempt_networks=lists.networks
         )
 
     @rpc

@@ -33,7 +33,13 @@ from otpgate.errors import OtpgateError
 from otpgate.server import config as daemon_config
 from otpgate.server import logs, maintenance, sdnotify
 from otpgate.server.admin import AdminServicer
-from otpgate.server.edge import EdgePamServicer, Upstreams, UpstreamSelfService
+from otpgate.server.edge import (
+    EdgePamServicer,
+    SeenNames,
+    Upstreams,
+    UpstreamSelfService,
+    edge_gate_lists,
+)
 from otpgate.server.gate_writer import GateWriter
 from otpgate.server.handlers import method_table
 from otpgate.server.host_gate import HostGateServicer
@@ -180,6 +186,9 @@ def _prepare_dir(path: str, mode: int) -> None:
     # state) must have exactly its mode, so a 0755 one is refused; the sockets'
     # 0755 directory need only be writable by nobody else.
     prepare_dir(path, mode, exact=not mode & 0o077, subject=f"directory {path}")
+
+
+EDGE_GATE_SPACING = 2.0
 
 
 def _gate_dir(config: daemon_config.DaemonConfig) -> str:
@@ -369,9 +378,7 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
     _prepare_dir(config.runtime_dir, 0o755)
     private_dir = os.path.join(config.runtime_dir, "private")
     _prepare_dir(private_dir, 0o700)
-    # An edge knows no secrets, so it lists nobody: each login asks `check` (two
-    # hook calls when a code is needed), and pam_listfile finds a file to read.
-    GateWriter(_gate_dir(config), GateLists).write_now()
+    gate_dir = _gate_dir(config)
     budgets = _user_budgets(config)
     upstreams = Upstreams(
         config.upstreams,
@@ -381,16 +388,26 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
         timeout=config.upstream_timeout,
     )
     relay: UserSocketRelay | None = None
+    # Until the centrals answer AskList, the files list nobody: every login asks
+    # `check`, and pam_listfile finds a file to read.
+    GateWriter(gate_dir, GateLists).write_now()
+    # A name seen for the first time is asked about soon, but at most every few
+    # seconds, whatever names a client tries.
+    gate = GateWriter(
+        gate_dir, lambda: edge_gate_lists(upstreams, seen), min_spacing=EDGE_GATE_SPACING
+    )
+    seen = SeenNames(on_new=gate.changed)
     try:
         passwords = PamPasswordChecker(config.password_pam_service)
         callers = CallerRegistry()
         user = _user_server(config, private_dir, callers, UpstreamSelfService(upstreams), passwords)
         pam = Socket(config.socket("pam"), config.workers, 0o600, None)
-        pam.add(_service("PamGate"), EdgePamServicer(upstreams, passwords))
+        pam.add(_service("PamGate"), EdgePamServicer(upstreams, passwords, seen))
         signals = _Signals()
         user.start()
         relay = _start_relay(config, user, callers, budgets)
         pam.start(reflect=False)
+        gate.start()
         log.info(
             "started version=%s mode=edge upstreams=%s", __version__, ",".join(config.upstreams)
         )
@@ -417,6 +434,7 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
         log.info("stopped")
         return 0
     finally:
+        gate.stop()
         if relay is not None:
             relay.stop()
             with contextlib.suppress(FileNotFoundError):

@@ -1641,6 +1641,60 @@ class LogoutResponse(_message.Message):
 Global___LogoutResponse: _TypeAlias = LogoutResponse  # noqa: Y015
 
 @_typing.final
+class AskListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usernames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most 4096"""
+
+    def __init__(
+        self,
+        *,
+        usernames: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usernames", b"usernames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AskListRequest: _TypeAlias = AskListRequest  # noqa: Y015
+
+@_typing.final
+class AskListReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASKED_FIELD_NUMBER: _builtins.int
+    EVERYWHERE_FIELD_NUMBER: _builtins.int
+    EXEMPT_NETWORKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def asked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """of the usernames, those asked for a code"""
+
+    @_builtins.property
+    def everywhere(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """of those, the ones asked from exempt networks too"""
+
+    @_builtins.property
+    def exempt_networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        asked: _abc.Iterable[_builtins.str] | None = ...,
+        everywhere: _abc.Iterable[_builtins.str] | None = ...,
+        exempt_networks: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asked", b"asked", "everywhere", b"everywhere", "exempt_networks", b"exempt_networks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AskListReply: _TypeAlias = AskListReply  # noqa: Y015
+
+@_typing.final
 class ProveCodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

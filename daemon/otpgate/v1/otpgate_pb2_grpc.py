@@ -1350,6 +1350,11 @@ class HostGateStub:
                 request_serializer=otpgate_dot_v1_dot_otpgate__pb2.HostGrantRequest.SerializeToString,
                 response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
                 _registered_method=True)
+        self.AskList = channel.unary_unary(
+                '/otpgate.v1.HostGate/AskList',
+                request_serializer=otpgate_dot_v1_dot_otpgate__pb2.AskListRequest.SerializeToString,
+                response_deserializer=otpgate_dot_v1_dot_otpgate__pb2.AskListReply.FromString,
+                _registered_method=True)
 
 
 class HostGateServicer:
@@ -1413,6 +1418,16 @@ class HostGateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AskList(self, request, context):
+        """For the edge's in-process gate in front of the code prompt: which of these
+        accounts a login from an address no exemption covers is asked a code of (what
+        Check would answer for each, in bulk: unknown names are asked, as there), and
+        the exempt networks. Tells a host nothing Check does not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostGateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1450,6 +1465,11 @@ def add_HostGateServicer_to_server(servicer, server):
                     servicer.MakeRecoveryCodes,
                     request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.HostGrantRequest.FromString,
                     response_serializer=otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.SerializeToString,
+            ),
+            'AskList': grpc.unary_unary_rpc_method_handler(
+                    servicer.AskList,
+                    request_deserializer=otpgate_dot_v1_dot_otpgate__pb2.AskListRequest.FromString,
+                    response_serializer=otpgate_dot_v1_dot_otpgate__pb2.AskListReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1650,6 +1670,33 @@ class HostGate:
             '/otpgate.v1.HostGate/MakeRecoveryCodes',
             otpgate_dot_v1_dot_otpgate__pb2.HostGrantRequest.SerializeToString,
             otpgate_dot_v1_dot_otpgate__pb2.RecoveryCodes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AskList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.v1.HostGate/AskList',
+            otpgate_dot_v1_dot_otpgate__pb2.AskListRequest.SerializeToString,
+            otpgate_dot_v1_dot_otpgate__pb2.AskListReply.FromString,
             options,
             channel_credentials,
             insecure,

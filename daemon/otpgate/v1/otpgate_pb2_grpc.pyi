@@ -428,6 +428,12 @@ class HostGateStub:
     """Confirm the pending secret with a code from it (as TwoFactorAdmin's)."""
     MakeRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.HostGrantRequest, _otpgate_pb2.RecoveryCodes]
     """A new set of recovery codes, given a grant."""
+    AskList: _grpc.UnaryUnaryMultiCallable[_otpgate_pb2.AskListRequest, _otpgate_pb2.AskListReply]
+    """For the edge's in-process gate in front of the code prompt: which of these
+    accounts a login from an address no exemption covers is asked a code of (what
+    Check would answer for each, in bulk: unknown names are asked, as there), and
+    the exempt networks. Tells a host nothing Check does not.
+    """
 
 @_typing.type_check_only
 class HostGateAsyncStub(HostGateStub):
@@ -458,6 +464,12 @@ class HostGateAsyncStub(HostGateStub):
     """Confirm the pending secret with a code from it (as TwoFactorAdmin's)."""
     MakeRecoveryCodes: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.HostGrantRequest, _otpgate_pb2.RecoveryCodes]  # type: ignore[assignment]
     """A new set of recovery codes, given a grant."""
+    AskList: _aio.UnaryUnaryMultiCallable[_otpgate_pb2.AskListRequest, _otpgate_pb2.AskListReply]  # type: ignore[assignment]
+    """For the edge's in-process gate in front of the code prompt: which of these
+    accounts a login from an address no exemption covers is asked a code of (what
+    Check would answer for each, in bulk: unknown names are asked, as there), and
+    the exempt networks. Tells a host nothing Check does not.
+    """
 
 class HostGateServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------
@@ -527,5 +539,17 @@ class HostGateServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_otpgate_pb2.RecoveryCodes, _abc.Awaitable[_otpgate_pb2.RecoveryCodes]]:
         """A new set of recovery codes, given a grant."""
+
+    @_abc_1.abstractmethod
+    def AskList(
+        self,
+        request: _otpgate_pb2.AskListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_otpgate_pb2.AskListReply, _abc.Awaitable[_otpgate_pb2.AskListReply]]:
+        """For the edge's in-process gate in front of the code prompt: which of these
+        accounts a login from an address no exemption covers is asked a code of (what
+        Check would answer for each, in bulk: unknown names are asked, as there), and
+        the exempt networks. Tells a host nothing Check does not.
+        """
 
 def add_HostGateServicer_to_server(servicer: HostGateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
