@@ -693,3 +693,51 @@ def test_an_ordinary_user_on_the_edge_reaches_no_one_elses_account(
     assert f"login_refused user={victim.name} caller_uid={attacker.uid}" in edge.log()
     with socket.socket(socket.AF_UNIX) as probe:  # root may: the refusal was the mode's
         probe.connect(edge.socket("pam"))
+
+
+# -- AskList: the edge's gate files -----------------------------------------------------
+
+
+def test_ask_list_says_what_check_says_and_no_more(
+    make_central: Callable[..., Central],
+    user: LocalUser,
+    make_user: Callable[..., LocalUser],
+) -> None:
+    central = make_central(TWO_HOSTS)
+    setup(central)
+    enrolled, bare = user.name, make_user().name
+    enroll(central, enrolled)
+    unknown = f"ogtnobody{secrets.token_hex(3)}"
+    edge1 = central.host_as("edge1")
+    names = [enrolled, bare, unknown, "ALL", "bad name", "root:x"]
+    reply = edge1.AskList(pb.AskListRequest(usernames=names), timeout=5)
+    # Each name listed exactly when Check asks it for a code: the unknown name
+    # too, so AskList cannot tell an enrolled account from a made-up name either.
+    for name in (enrolled, bare, unknown):
+        check = pam(edge1, "Check", name)
+        assert (name in reply.asked) == (check.verdict == pb.VERDICT_OTP_REQUIRED), name
+    assert set(reply.asked) == {enrolled, unknown}
+    # Names the files could not hold as one account are left out.
+    assert not {"ALL", "bad name", "root:x"} & set(reply.asked)
+    assert list(reply.everywhere) == [] and list(reply.exempt_networks) == []
+
+    central.daemon.admin().UpdateConfig(
+        pb.UpdateConfigRequest(exempt_networks=pb.StringList(values=["192.0.2.0/24"])), timeout=5
+    )
+    reply = edge1.AskList(pb.AskListRequest(usernames=[enrolled]), timeout=5)
+    assert list(reply.exempt_networks) == ["192.0.2.0/24"] and list(reply.asked) == [enrolled]
+
+    too_many = pb.AskListRequest(usernames=[f"u{i}" for i in range(4097)])
+    error = refused(partial(edge1.AskList, too_many, timeout=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 4096 names" in (error.details() or "")
+
+
+def test_ask_list_is_for_host_certificates_only(make_central: Callable[..., Central]) -> None:
+    central = make_central(TWO_HOSTS)
+    as_admin = pb_grpc.HostGateStub(central.channel("admin1", "admin"))
+    error = refused(partial(as_admin.AskList, pb.AskListRequest(usernames=["root"]), timeout=5))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "role admin may not call AskList",
+    )
