@@ -1,33 +1,54 @@
 """Whole SSH logins, end to end: the OpenSSH client against a private sshd on 127.0.0.1.
 
-Each sample is one `ssh -i KEY user@127.0.0.1 true` that succeeds: process start of
-the client to its exit, so key exchange, the host key, the public key, the second
-factor (if any), account and session setup, running `true` and the teardown. Four
-sshds, each a symlink to /usr/sbin/sshd under a unique name (sshd uses its program
-name as PAM service, so it reads our /etc/pam.d/<name> and never the host's sshd
-files), each with its own sshd_config, host key and port:
+Each sample is one `ssh user@127.0.0.1 true` that succeeds: process start of the
+client to its exit, so key exchange, the host key, the first factor (public key or
+password), the second factor (if any), account and session setup, running `true`
+and the teardown. Seven sshds, each a symlink to /usr/sbin/sshd under a unique name
+(sshd uses its program name as PAM service, so it reads our /etc/pam.d/<name> and
+never the host's sshd files), each with its own sshd_config, host key and port.
+
+Key first (`ssh -i KEY`):
 
 - key only: AuthenticationMethods publickey (PAM is not asked to authenticate;
-  account and session still go through it, as in the others);
+  account and session still go through it, as in all the others);
 - otpgate, prompt when needed / prompt always: AuthenticationMethods
   publickey,keyboard-interactive (the shipped drop-in) with the shipped
   otpgate-ssh-publickey / otpgate-ssh-publickey-always stacks, pointed at this
-  checkout's hook and a bench otpgated's pam.sock (hook calls per login: 2 / 1);
+  checkout's hook, a bench otpgated's pam.sock and its runtime_dir/gate files.
+  One hook call per login in both: prompt when needed reads the daemon's gate files
+  in-process (pam_listfile, pam_access), which list every bench account, so `check`
+  is skipped and only `verify` runs (the run checks the `ask` file lists them all
+  before it times anything);
 - pam_google_authenticator: the same drop-in, `auth required
   pam_google_authenticator.so` (the user's ~/.google_authenticator: TOTP,
   DISALLOW_REUSE, WINDOW_SIZE 3) and pam_permit for setcred.
 
-ssh types the code through SSH_ASKPASS (SSH_ASKPASS_REQUIRE=force): a small Python
-script that computes the user's TOTP code at that moment from a file named in its
-environment, and logs the prompt (each 2FA login is checked to have been asked for a
-code, the key-only one not). A code, once accepted, is spent, so every login uses its
-own bench user, enrolled once. The stacks take turns sample by sample, in an order
-that rotates each round.
+Password first (`ssh -o PubkeyAuthentication=no`, the password through the
+password method):
 
-Rows: per stack the median, IQR and p90 of the wall time of a login (ms) and its
-ratio to key only; then "extra over key only": for each round, the 2FA stack's login
-minus that round's key-only login (what the second factor costs a whole login), and
-the ratios of otpgate's extra to pam_google_authenticator's.
+- password only: AuthenticationMethods password, `auth required pam_unix.so`
+  (common-auth's job);
+- otpgate, prompt when needed: the shipped otpgate-password.conf
+  (password,keyboard-interactive) and otpgate-ssh-password stack: pam_unix in the
+  password round, the gate and `verify` in the keyboard-interactive round (one hook
+  call; each round also starts one /bin/sh, which tells the rounds apart);
+- pam_google_authenticator: the same sshd settings and the same stack with
+  pam_google_authenticator.so and pam_permit where otpgate's gate and hook are.
+
+ssh answers every prompt through SSH_ASKPASS (SSH_ASKPASS_REQUIRE=force): a small
+Python script that types the user's password at ssh's password prompt and otherwise
+the user's TOTP code at that moment, from a file named in its environment, and logs
+each prompt; every login is checked to have been asked exactly what its stack asks
+(nothing, the password, a code, or the password then a code). A code, once
+accepted, is spent, so every login uses its own bench user, enrolled once. The
+stacks take turns sample by sample, in an order that rotates each round.
+
+Rows: per stack the median, IQR and p90 of the wall time of a login (ms), its ratio
+to its first factor alone (key only, password only) and, for otpgate, to
+pam_google_authenticator in the same flow; then "extra over ...": for each round,
+the 2FA stack's login minus that round's login with the first factor alone (what
+the second factor costs a whole login), and the ratios of otpgate's extra to
+pam_google_authenticator's.
 """
 
 from __future__ import annotations
@@ -56,17 +77,63 @@ SECTION = "ssh login"
 SSHD = "/usr/sbin/sshd"
 PACKAGING = REPO / "packaging"
 SHIPPED_HOOK = "/usr/local/lib/otpgate/otpgate-pam-hook"
+SHIPPED_GATE = "/run/otpgate/gate"
 KEY_ONLY = "key only"
-WHEN_NEEDED = "otpgate, prompt when needed (2 hook calls)"
-ALWAYS = "otpgate, prompt always (1 hook call)"
-GA = "pam_google_authenticator"
+WHEN_NEEDED = "key + otpgate, prompt when needed (1 hook call)"
+ALWAYS = "key + otpgate, prompt always (1 hook call)"
+GA = "key + pam_google_authenticator"
+PASSWORD_ONLY = "password only"
+PASSWORD_WHEN_NEEDED = "password + otpgate, prompt when needed (1 hook call)"
+PASSWORD_GA = "password + pam_google_authenticator"
+STACKS = (KEY_ONLY, WHEN_NEEDED, ALWAYS, GA, PASSWORD_ONLY, PASSWORD_WHEN_NEEDED, PASSWORD_GA)
+OTPGATE = (WHEN_NEEDED, ALWAYS, PASSWORD_WHEN_NEEDED)
+GOOGLE = (GA, PASSWORD_GA)
+# Each 2FA stack's login with its first factor alone, and otpgate's rival in its flow.
+FIRST_FACTOR = {WHEN_NEEDED: KEY_ONLY, ALWAYS: KEY_ONLY, GA: KEY_ONLY,
+                PASSWORD_WHEN_NEEDED: PASSWORD_ONLY, PASSWORD_GA: PASSWORD_ONLY}  # fmt: skip
+RIVAL = {WHEN_NEEDED: GA, ALWAYS: GA, PASSWORD_WHEN_NEEDED: PASSWORD_GA}
+SHORT = {KEY_ONLY: "key only", PASSWORD_ONLY: "password only",
+         GA: "google-authenticator", PASSWORD_GA: "google-authenticator"}  # fmt: skip
+PASSWORD_FLOWS = (PASSWORD_ONLY, PASSWORD_WHEN_NEEDED, PASSWORD_GA)
+METHODS = (
+    {KEY_ONLY: "publickey", PASSWORD_ONLY: "password"}
+    | {s: "publickey,keyboard-interactive" for s in (WHEN_NEEDED, ALWAYS, GA)}
+    | {s: "password,keyboard-interactive" for s in (PASSWORD_WHEN_NEEDED, PASSWORD_GA)}
+)
+# What the askpass program must have been asked, in order, in one login.
+ASKED = (
+    {KEY_ONLY: [], PASSWORD_ONLY: ["password"]}
+    | {s: ["code"] for s in (WHEN_NEEDED, ALWAYS, GA)}
+    | {s: ["password", "code"] for s in (PASSWORD_WHEN_NEEDED, PASSWORD_GA)}
+)
+DROPINS = {
+    "publickey": "UsePAM yes\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+    "KbdInteractiveAuthentication no\nAuthenticationMethods publickey\n",
+    "password": "UsePAM yes\nPasswordAuthentication yes\nKbdInteractiveAuthentication no\n"
+    "AuthenticationMethods password\n",
+    "publickey,keyboard-interactive": "otpgate-publickey.conf",  # the shipped ones
+    "password,keyboard-interactive": "otpgate-password.conf",
+}
+GA_LINES = "auth required pam_google_authenticator.so\nauth required pam_permit.so\n"
+# otpgate-ssh-password's first two lines: the rounds told apart, pam_unix in the first.
+PASSWORD_ROUNDS = (
+    'auth [success=1 default=ignore] pam_exec.so quiet /bin/sh -c [test -n "$SSH_AUTH_INFO_0"]\n'
+    "auth [success=done default=die] pam_unix.so\n"
+)
 
-# The askpass program: prints the current TOTP code of the secret in $OGB_SECRET_FILE
-# (stdlib only: it starts as fast as it can) and logs the prompt to $OGB_PROMPTS.
+# The askpass program: at ssh's own password prompt ("user@host's password: ") prints
+# $OGB_PASSWORD, at any other the current TOTP code of the secret in $OGB_SECRET_FILE
+# (stdlib only: it starts as fast as it can); logs what it answered to $OGB_PROMPTS.
 ASKPASS = """#!/usr/bin/python3 -IS
-import base64, hashlib, hmac, os, struct, sys, time
+import os, sys
+prompt = sys.argv[1] if len(sys.argv) > 1 else ""
+kind = "password" if prompt.endswith("'s password: ") else "code"
 with open(os.environ["OGB_PROMPTS"], "a") as log:
-    log.write((sys.argv[1] if len(sys.argv) > 1 else "").replace("\\n", " ") + "\\n")
+    log.write(kind + "\\t" + prompt.replace("\\n", " ") + "\\n")
+if kind == "password":
+    print(os.environ["OGB_PASSWORD"])
+    sys.exit()
+import base64, hashlib, hmac, struct, time
 with open(os.environ["OGB_SECRET_FILE"]) as f:
     key = base64.b32decode(f.read().strip().upper())
 mac = hmac.new(key, struct.pack(">Q", int(time.time()) // 30), hashlib.sha1).digest()
@@ -103,11 +170,9 @@ class Sshd:
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)], check=True
         )
-        if self.methods == "publickey":
-            dropin = "UsePAM yes\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
-            dropin += "KbdInteractiveAuthentication no\nAuthenticationMethods publickey\n"
-        else:  # the shipped one: publickey,keyboard-interactive
-            dropin = (PACKAGING / "sshd_config.d" / "otpgate-publickey.conf").read_text()
+        dropin = DROPINS[self.methods]
+        if dropin.endswith(".conf"):
+            dropin = (PACKAGING / "sshd_config.d" / dropin).read_text()
         config = self.root / f"{self.name}.conf"
         # The drop-in first: sshd keeps the first value it reads.
         config.write_text(
@@ -153,35 +218,43 @@ class Sshd:
 
 
 @contextlib.contextmanager
-def _shell_users(count: int, homes: Path) -> Iterator[list[str]]:
-    """Local users with a shell (sshd runs `true` through it) and a home of their own."""
+def _shell_users(count: int, homes: Path) -> Iterator[list[tuple[str, str]]]:
+    """Local users (name, password) with a shell (sshd runs `true` through it) and a
+    home of their own."""
     tag = secrets.token_hex(2)
-    names = [f"ogb{tag}s{i:04d}" for i in range(count)]
-    lines = "".join(
-        f"{n}:pw-{secrets.token_hex(8)}:::otpgate bench:{homes / n}:/bin/sh\n" for n in names
-    )
+    users = [(f"ogb{tag}s{i:04d}", f"pw-{secrets.token_hex(8)}") for i in range(count)]
+    lines = "".join(f"{n}:{pw}:::otpgate bench:{homes / n}:/bin/sh\n" for n, pw in users)
     try:
         subprocess.run(["newusers"], input=lines, text=True, check=True)
-        yield names
+        yield users
     finally:
-        for name in names:
+        for name, _ in users:
             subprocess.run(["userdel", name], capture_output=True)
 
 
-def _login(sshd: Sshd, key: Path, user: str, secret_file: Path, prompts: Path) -> float:
+def _login(
+    sshd: Sshd, key: Path | None, user: str, password: str, secret_file: Path, prompts: Path
+) -> float:
+    """One login; `key` None: by password (the password method), else by that key."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "SSH_AUTH_SOCK")}
     env.update(
         SSH_ASKPASS=str(prompts.parent / "askpass"),
         SSH_ASKPASS_REQUIRE="force",
         OGB_SECRET_FILE=str(secret_file),
+        OGB_PASSWORD=password,
         OGB_PROMPTS=str(prompts),
     )
+    if key is None:
+        first = ["-o", "PubkeyAuthentication=no",
+                 "-o", "PreferredAuthentications=password,keyboard-interactive"]  # fmt: skip
+    else:
+        first = ["-i", str(key), "-o", "IdentitiesOnly=yes",
+                 "-o", "PreferredAuthentications=publickey,keyboard-interactive"]  # fmt: skip
     started = time.perf_counter()
     result = subprocess.run(
-        ["ssh", "-F", "/dev/null", "-T", "-p", str(sshd.port), "-i", str(key),
-         "-o", "IdentitiesOnly=yes", "-o", "BatchMode=no", "-o", "StrictHostKeyChecking=no",
+        ["ssh", "-F", "/dev/null", "-T", "-p", str(sshd.port), *first,
+         "-o", "BatchMode=no", "-o", "StrictHostKeyChecking=no",
          "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-         "-o", "PreferredAuthentications=publickey,keyboard-interactive",
          f"{user}@127.0.0.1", "true"],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -194,9 +267,39 @@ def _login(sshd: Sshd, key: Path, user: str, secret_file: Path, prompts: Path) -
     return elapsed
 
 
+def _otpgate_stack(name: str, hook_socket: str, gate_dir: Path) -> str:
+    """A shipped stack pointed at this checkout's hook and the bench daemon."""
+    text = (PACKAGING / "pam.d" / name).read_text().replace(SHIPPED_GATE, str(gate_dir))
+    lines = []
+    for line in text.splitlines():
+        if SHIPPED_HOOK in line:
+            line = line.replace(f"{SHIPPED_HOOK} ", f"{HOOK} ") + f" socket={hook_socket}"
+        lines.append(line + "\n")
+    return "".join(lines)
+
+
+def _wait_listed(gate_dir: Path, names: list[str], timeout: float = 15) -> None:
+    """Until the daemon's gate files send all of `names` straight to the prompt."""
+    ask = gate_dir / "ask"
+    deadline = time.monotonic() + timeout
+    missing = set(names)
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            missing = set(names) - set(ask.read_text().split())
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{ask}: {len(missing)} of {len(names)} accounts not listed")
+        time.sleep(0.05)
+    # No exempt network: pam_access succeeds for every address, so `check` is skipped.
+    rules = (gate_dir / "networks.conf").read_text().splitlines()
+    rules = [r for r in rules if r.strip() and not r.startswith("#")]
+    if rules != ["+ : ALL : ALL"]:
+        raise RuntimeError(f"{gate_dir}/networks.conf: unexpected rules {rules}")
+
+
 def run(quick: bool) -> list[Row]:
     count = 10 if quick else 30
-    stacks = (KEY_ONLY, WHEN_NEEDED, ALWAYS, GA)
     work = Path(tempfile.mkdtemp(prefix="otpgate-bench-ssh-"))
     work.chmod(0o755)  # sshd reads the authorized keys as the user; homes live here
     homes = work / "home"
@@ -204,7 +307,7 @@ def run(quick: bool) -> list[Row]:
     sshds: list[Sshd] = []
     rows: list[Row] = []
     try:
-        with _shell_users((count + 1) * len(stacks), homes) as names, bench_daemon() as daemon:
+        with _shell_users((count + 1) * len(STACKS), homes) as everyone, bench_daemon() as daemon:
             daemon.start()
             admin = daemon.admin()
             admin.UpdateConfig(
@@ -222,56 +325,65 @@ def run(quick: bool) -> list[Row]:
             askpass.chmod(0o755)
             secrets_dir = work / "secrets"
             secrets_dir.mkdir(mode=0o700)
+            passwords = dict(everyone)
+            names = [name for name, _ in everyone]
             # Users: stack k, round i (round 0 warms up, unmeasured).
             users = {
-                s: names[k * (count + 1) : (k + 1) * (count + 1)] for k, s in enumerate(stacks)
+                s: names[k * (count + 1) : (k + 1) * (count + 1)] for k, s in enumerate(STACKS)
             }
-            for stack in (WHEN_NEEDED, ALWAYS):
-                for name in users[stack]:
-                    entry = admin.RenewSecret(pb.RenewSecretRequest(username=name), timeout=10)
-                    uri = entry.twofactor_config.provisioning_uri
-                    (secrets_dir / name).write_text(pyotp.parse_uri(uri).secret)
-            for name in users[GA]:
+            enrolled = [name for stack in OTPGATE for name in users[stack]]
+            for name in enrolled:
+                entry = admin.RenewSecret(pb.RenewSecretRequest(username=name), timeout=10)
+                uri = entry.twofactor_config.provisioning_uri
+                (secrets_dir / name).write_text(pyotp.parse_uri(uri).secret)
+            for name in (n for stack in GOOGLE for n in users[stack]):
                 secret = base64.b32encode(os.urandom(20)).decode()
                 (secrets_dir / name).write_text(secret)
                 ga_file = homes / name / ".google_authenticator"
                 ga_file.write_text(f'{secret}\n" WINDOW_SIZE 3\n" DISALLOW_REUSE\n" TOTP_AUTH\n')
                 shutil.chown(ga_file, name, name)
                 ga_file.chmod(0o400)
-            for name in users[KEY_ONLY]:
+            for name in users[KEY_ONLY] + users[PASSWORD_ONLY]:
                 (secrets_dir / name).write_text(base64.b32encode(os.urandom(20)).decode())
-            hook = f"{HOOK} "
             sock = daemon.socket("pam")
-            auths = {KEY_ONLY: "auth required pam_deny.so\n", GA: (
-                "auth required pam_google_authenticator.so\nauth required pam_permit.so\n"
-            )}  # fmt: skip
-            for stack, suffix in ((WHEN_NEEDED, ""), (ALWAYS, "-always")):
-                text = (PACKAGING / "pam.d" / f"otpgate-ssh-publickey{suffix}").read_text()
-                lines = []
-                for line in text.splitlines():
-                    if SHIPPED_HOOK in line:
-                        line = line.replace(f"{SHIPPED_HOOK} ", hook) + f" socket={sock}"
-                    lines.append(line + "\n")
-                auths[stack] = "".join(lines)
-            assert all(SHIPPED_HOOK not in a for a in auths.values())
+            gate_dir = Path(sock).parent / "gate"  # the daemon's runtime_dir/gate
+            _wait_listed(gate_dir, enrolled)
+            auths = {
+                KEY_ONLY: "auth required pam_deny.so\n",
+                WHEN_NEEDED: _otpgate_stack("otpgate-ssh-publickey", sock, gate_dir),
+                ALWAYS: _otpgate_stack("otpgate-ssh-publickey-always", sock, gate_dir),
+                GA: GA_LINES,
+                PASSWORD_ONLY: "auth required pam_unix.so\n",
+                PASSWORD_WHEN_NEEDED: _otpgate_stack("otpgate-ssh-password", sock, gate_dir),
+                PASSWORD_GA: PASSWORD_ROUNDS + GA_LINES,
+            }
+            for auth in auths.values():
+                assert SHIPPED_HOOK not in auth and SHIPPED_GATE not in auth, auth
+            for stack in (WHEN_NEEDED, PASSWORD_WHEN_NEEDED):
+                assert f"file={gate_dir}/ask" in auths[stack], auths[stack]
+                assert f"accessfile={gate_dir}/networks.conf" in auths[stack], auths[stack]
             by_stack = {}
-            for stack in stacks:
-                methods = "publickey" if stack == KEY_ONLY else "publickey,keyboard-interactive"
-                sshd = Sshd(work, auths[stack], methods, authorized)
+            for stack in STACKS:
+                sshd = Sshd(work, auths[stack], METHODS[stack], authorized)
                 sshds.append(sshd)
                 sshd.start()
                 by_stack[stack] = sshd
-            samples: dict[str, list[float]] = {s: [] for s in stacks}
+            samples: dict[str, list[float]] = {s: [] for s in STACKS}
             for i in range(count + 1):
-                for k in range(len(stacks)):
-                    stack = stacks[(i + k) % len(stacks)]
+                for k in range(len(STACKS)):
+                    stack = STACKS[(i + k) % len(STACKS)]
                     user = users[stack][i]
                     prompts = work / f"prompts-{user}"
                     prompts.touch()
-                    elapsed = _login(by_stack[stack], key, user, secrets_dir / user, prompts)
-                    asked = len(prompts.read_text().splitlines())
-                    if asked != (0 if stack == KEY_ONLY else 1):
-                        raise RuntimeError(f"{stack}: {user} was asked {asked} times")
+                    by_key = None if stack in PASSWORD_FLOWS else key
+                    elapsed = _login(
+                        by_stack[stack], by_key, user, passwords[user], secrets_dir / user, prompts
+                    )
+                    asked = [line.split("\t") for line in prompts.read_text().splitlines()]
+                    if [kind for kind, _ in asked] != ASKED[stack] or any(
+                        kind == "code" and "Verification code" not in text for kind, text in asked
+                    ):
+                        raise RuntimeError(f"{stack}: {user} was asked {asked}")
                     if i > 0:
                         samples[stack].append(elapsed)
             rows = _rows(samples)
@@ -283,32 +395,28 @@ def run(quick: bool) -> list[Row]:
 
 
 def _rows(samples: dict[str, list[float]]) -> list[Row]:
-    """Per stack, then the second factor's extra over the same round's key-only login."""
+    """Per stack, then the second factor's extra over the same round's first factor alone."""
     rows = []
     medians = {s: statistics.median(v) * 1000 for s, v in samples.items()}
-    key_only, ga = medians[KEY_ONLY], medians[GA]
     for stack, values in samples.items():
         median, spread = stats_ms(values)
         spread += f", p90 {percentile(values, 0.9) * 1000:.2f}"
-        note = ""
-        if stack != KEY_ONLY:
-            note = f"{median / key_only:.2f}x key only"
-        if stack in (WHEN_NEEDED, ALWAYS):
-            note += f", {median / ga:.2f}x google-authenticator"
-        rows.append(Row(SECTION, f"login: {stack}", median, spread, "ms", note))
+        notes = [f"{median / medians[s]:.2f}x {SHORT[s]}" for s in
+                 (FIRST_FACTOR.get(stack), RIVAL.get(stack)) if s is not None]  # fmt: skip
+        rows.append(Row(SECTION, f"login: {stack}", median, spread, "ms", ", ".join(notes)))
     extras = {}
-    for stack in (WHEN_NEEDED, ALWAYS, GA):
-        paired = [a - b for a, b in zip(samples[stack], samples[KEY_ONLY], strict=True)]
+    for stack, first in FIRST_FACTOR.items():
+        paired = [a - b for a, b in zip(samples[stack], samples[first], strict=True)]
         median, spread = stats_ms(paired)
         extras[stack] = median
-        note = f"difference of medians {medians[stack] - key_only:+.2f} ms"
-        rows.append(Row(SECTION, f"extra over key only: {stack}", median, spread, "ms", note))
-    for stack in (WHEN_NEEDED, ALWAYS):
+        note = f"difference of medians {medians[stack] - medians[first]:+.2f} ms"
+        rows.append(Row(SECTION, f"extra over {first}: {stack}", median, spread, "ms", note))
+    for stack, rival in RIVAL.items():
         rows.append(
             Row(
                 SECTION,
-                f"extra ratio: {stack} / pam_google_authenticator",
-                extras[stack] / extras[GA],
+                f"extra ratio: {stack} / {SHORT[rival]}",
+                extras[stack] / extras[rival],
                 "",
                 "x",
                 "of the medians of the extras above",
