@@ -5,7 +5,12 @@ bench.hook_latency) against a single-host otpgated's pam.sock, and against an
 edge otpgated's pam.sock whose upstream is a central otpgated on 127.0.0.1 over
 mutual TLS (certificates from otpgate.pki in a temporary directory). Every login
 uses its own bench user with a fresh secret and its first code, so each sample is
-a real first-time success (a code, once accepted, is spent). The stacks take
+a real first-time success (a code, once accepted, is spent). Prompt when needed is
+the shipped stack (bench.hook_latency.when_needed_stack): its gate lines read the
+runtime_dir/gate of the daemon that serves that pam.sock (the edge's files come
+from the central's HostGate.AskList), and the run waits until each lists its bench
+accounts, so one hook call (`verify`) runs; the same stack reading gate files that
+list nobody measures the old two calls (`check`, then `verify`). The stacks take
 turns sample by sample; the ratio is edge over local of the medians.
 
 Verification throughput over TLS: the workload of bench.throughput (Verify of a
@@ -40,6 +45,7 @@ import grpc
 import pyotp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.hook_latency import empty_gate_dir, when_needed_stack
 from bench.lib import (
     HOOK,
     BenchDaemon,
@@ -51,6 +57,7 @@ from bench.lib import (
     percentile,
     stats_ms,
 )
+from bench.ssh_login import _wait_listed
 from otpgate import pki
 from otpgate.v1 import otpgate_pb2 as pb
 from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
@@ -58,6 +65,9 @@ from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 SECTION = "network"
 PY = f"/usr/bin/python3 -I -S {HOOK}"
 EDGE, HOST = "bench-edge", "bench-host"  # client certificates, both of role host
+ALWAYS = "prompt always (verify: 1 call)"
+GATED = "prompt when needed (gate + verify: 1 call)"
+UNGATED = "prompt when needed, without gate files (check + verify: 2 calls)"
 Part = tuple[float, float, list[float]]  # (started, ended, latencies) of one process
 
 
@@ -142,21 +152,19 @@ def _pamtester(service: str, user: str, typed: str) -> tuple[bool, float]:
     return result.returncode == 0, time.perf_counter() - started
 
 
-def _stacks(socket_path: str) -> dict[str, str]:
-    """The shipped stacks as in bench.hook_latency, their hook asking `socket_path`:
-    PAM service names by label."""
+def _stacks(socket_path: str, gate_dir: Path, empty_gate: Path) -> dict[str, str]:
+    """The shipped stacks as in bench.hook_latency, their hook asking `socket_path`,
+    prompt when needed reading `gate_dir` and (the old two calls) `empty_gate`: PAM
+    service names by label."""
     opts = f"socket={socket_path}"
     verify = f"pam_exec.so quiet expose_authtok stdout {PY} verify {opts}"
     always = _pam_service(
         "auth optional pam_echo.so Verification code:\n"
         f"auth requisite {verify}\nauth required pam_permit.so\n"
     )
-    needed = _pam_service(
-        f"auth [success=done default=ignore] pam_exec.so quiet stdout {PY} check {opts}\n"
-        f"auth requisite {verify}\nauth required pam_permit.so\n"
-    )
-    return {"prompt always (verify: 1 call)": always,
-            "prompt when needed (check + verify: 2 calls)": needed}  # fmt: skip
+    gated = _pam_service(when_needed_stack(socket_path, gate_dir))
+    ungated = _pam_service(when_needed_stack(socket_path, empty_gate))
+    return {ALWAYS: always, GATED: gated, UNGATED: ungated}
 
 
 def _hook_latency(quick: bool) -> list[Row]:
@@ -178,8 +186,12 @@ def _hook_latency(quick: bool) -> list[Row]:
             for daemon in (local, central):
                 _configure(daemon, pb.UpdateConfigRequest(window=1))
             stacks: dict[tuple[str, str], str] = {}
+            empty_gate = empty_gate_dir(fleet.directory)
+            gate_dirs = {"local": Path(local.socket("pam")).parent / "gate",
+                         "edge": Path(edge.socket("pam")).parent / "gate"}  # fmt: skip
             for kind, daemon in (("local", local), ("edge", edge)):
-                for label, service in _stacks(daemon.socket("pam")).items():
+                sock = daemon.socket("pam")
+                for label, service in _stacks(sock, gate_dirs[kind], empty_gate).items():
                     stacks[(kind, label)] = service
                     services.append(service)
             # One user per login plus one per stack for a warm-up and a wrong code.
@@ -201,6 +213,11 @@ def _hook_latency(quick: bool) -> list[Row]:
                     raise RuntimeError(f"{key}: a wrong code was accepted")
                 if not _pamtester(service, spare, totps[spare].now())[0]:
                     raise RuntimeError(f"{key}: a right code was refused")
+            # The gate files of the daemon behind each pam.sock list its accounts: the
+            # local one's soon after each RenewSecret, the edge's from AskList at its
+            # next rewrite (soon after the logins above, new names to it; every 30 s).
+            for kind in ("local", "edge"):
+                _wait_listed(gate_dirs[kind], mine[(kind, GATED)], timeout=45)
             samples: dict[tuple[str, str], list[float]] = {key: [] for key in stacks}
             order = list(stacks)
             for i in range(count):
@@ -218,6 +235,11 @@ def _hook_latency(quick: bool) -> list[Row]:
                     spread += f", p90 {percentile(values, 0.9) * 1000:.2f}"
                     note = "" if kind == "local" else (
                         f"+{median - base:.2f} ms, {median / base:.2f}x local")  # fmt: skip
+                    if label == UNGATED:
+                        gated, _ = stats_ms(samples[(kind, GATED)])
+                        note += "; " if note else ""
+                        note += f"{median / gated:.2f}x with the gate files"
+                        note += f" (+{median - gated:.2f} ms)"
                     rows.append(
                         Row(SECTION, f"hook, {label}: {where[kind]}", median, spread, "ms", note)
                     )
@@ -354,7 +376,11 @@ def _throughput(quick: bool) -> list[Row]:
         users = stack.enter_context(bench_users(64))
         names = [n for n, _ in users]
         config = str(fleet.central_config())
-        central = stack.enter_context(bench_daemon(server_cpus, "--config", config))
+        # The listener runs at most workers * 4 calls at once and refuses the rest:
+        # 32 workers leave room for the 64 callers below.
+        central = stack.enter_context(
+            bench_daemon(server_cpus, "--config", config, "--workers", "32")
+        )
         central.start()
         _configure(central, pb.UpdateConfigRequest(lockout_threshold=100))
         cert, key = fleet.cert(HOST)
