@@ -12,8 +12,9 @@ first question in-process for most logins, from two files the daemon keeps:
 The files can only ever skip `check`, never the code: a login they let past goes to
 the prompt and to `verify`, where the daemon decides as it always did. So every
 flaw of theirs fails closed. An account missing from `ask` (the file missing, cut
-short, stale, refused by pam_listfile for its mode) goes through `check`, today's
-two hook calls; an account listed wrongly (its secret removed since, or an exempt
+short, stale, refused by pam_listfile for being world-writable, a symlink or a
+directory), or a `networks.conf` pam_access cannot read, sends the login through
+`check`, the old two hook calls; an account listed wrongly (its secret removed since, or an exempt
 network the file does not know) is shown a prompt it need not answer: `verify`
 with first-factor=required lets any answer through when the daemon says no code is
 needed.

@@ -5,9 +5,12 @@ A thread rewrites them at start, soon after every change this daemon makes
 happen: another daemon's change in a shared database, a group's new member, an
 enrollment deadline passing. Each file is written whole beside itself and renamed
 over the old one, so pam_listfile and pam_access read the old list or the new one,
-never half of one. When the lists cannot be made (the database is away), the files
-stay as they were: core.gate_files says why a stale list costs a prompt or a
-hook call, never a code.
+never half of one. The two may disagree for a moment (networks.conf is written
+first, so a newly listed required-group member is already excepted from the
+exempt networks); every mix of old and new fails closed, as any stale file does.
+When the lists cannot be made (the database is away), the files stay as they
+were: core.gate_files says why a stale list costs a prompt or a hook call, never
+a code.
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ class GateWriter:
         on the runtime directory's tmpfs)."""
         try:
             lists = self._build()
-            write_file(self._directory, ASK_FILE, render_ask(lists))
             write_file(self._directory, NETWORKS_FILE, render_networks(lists))
+            write_file(self._directory, ASK_FILE, render_ask(lists))
         except Exception as exc:  # the old files stay: see the module's docstring
             detail = exc.strerror if isinstance(exc, OSError) else ""
             log.warning("gate_files_not_written error=%s %s", type(exc).__name__, detail or "")
