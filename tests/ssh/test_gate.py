@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pyotp
@@ -588,3 +589,42 @@ def test_the_daemon_rewrites_the_gate_after_each_change(
     rewrite(first, second)
     info = ask.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
+
+
+# -- 6. an edge: its files come from the central ------------------------------------------
+
+
+def test_an_edge_lists_from_the_central_and_runs_one_hook_process(
+    make_central: Callable[..., Any],
+    make_edge: Callable[..., Daemon],
+    make_user: Callable[..., LocalUser],
+    gate_sshd: GateSshd,
+    hooks: Hooks,
+) -> None:
+    central = make_central(None)
+    enable(central.daemon, enrollment_policy=OPTIONAL)
+    asked, free = make_user(), make_user()
+    totp = enroll(central.daemon, asked)
+    edge = make_edge(central.address)
+    # The edge holds no secret: it asks the central (HostGate.AskList) about this
+    # host's accounts, at start and every 30 s.
+    wait_for(
+        f"the edge lists {asked.name} and not {free.name}",
+        lambda: asked.name in listed(edge) and free.name not in listed(edge),
+        timeout=10,
+    )
+    sshd = gate_sshd("publickey", edge)
+    asked_in, free_in = first_factor(sshd, asked), first_factor(sshd, free)
+    login = login_as(sshd, asked, asked_in, answers=[totp.now()])
+    assert login.ok and len(login.prompts) == 1, (sshd.log_path.read_text(), edge.log())
+    assert hooks.take() == VERIFY
+    login = login_as(sshd, free, free_in)
+    assert login.ok and login.prompts == [], (sshd.log_path.read_text(), edge.log())
+    assert hooks.take() == CHECK
+    # A secret the central removes is gone from the edge's list at the next refresh
+    # (30 s, or sooner after a name the edge has not seen); until then the account
+    # is only prompted needlessly: verify lets any answer through.
+    central.daemon.admin().UnsetSecret(pb.UnsetSecretRequest(username=asked.name), timeout=5)
+    login = login_as(sshd, asked, asked_in, answers=["000000"])
+    assert login.ok, (sshd.log_path.read_text(), edge.log())
+    assert hooks.take() in (VERIFY, CHECK)  # stale: prompted, any answer; fresh: no prompt
