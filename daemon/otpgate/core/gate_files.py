@@ -20,8 +20,9 @@ with first-factor=required lets any answer through when the daemon says no code 
 needed.
 
 Names are written only if neither module can read them as anything but that one
-account (pam_access treats ALL, LOCAL, EXCEPT, @netgroup and (group) specially); a
-name left out costs its logins the extra `check`, nothing more.
+account (pam_access treats ALL, LOCAL, EXCEPT, @netgroup and (group) specially and
+ignores case; pam_listfile splits lines over 255 bytes); a name left out costs its
+logins the extra `check`, nothing more.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+from collections import Counter
 from collections.abc import Collection
 
 from otpgate.core import policy
+from otpgate.core.policy import IPNetwork
 from otpgate.core.records import Account
 from otpgate.core.service import TwoFactorService
 from otpgate.core.settings import Settings
@@ -42,7 +45,9 @@ ASK_FILE = "ask"
 NETWORKS_FILE = "networks.conf"
 # The PAM service a gate line serves: the stacks are SSH's ("sshd", "sshd-...").
 _SSH_SERVICE = "sshd"
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\$?")
+# pam_listfile reads lines of at most 255 bytes with their newline: a longer name
+# would be read as two.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}\$?")
 _ACCESS_KEYWORDS = frozenset({"ALL", "LOCAL", "EXCEPT"})
 
 
@@ -60,16 +65,28 @@ def _plain(name: str) -> bool:
     return bool(_PLAIN_NAME.fullmatch(name)) and name.upper() not in _ACCESS_KEYWORDS
 
 
-def _both_notations(text: str) -> list[str]:
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _access_forms(text: str) -> list[str]:
+    """`text` as pam_access networks: also in the other notation (10.0.0.0/8 and
+    its ::ffff: mapped form), as the policy matches both; /0 as two /1, since
+    pam_access (1.5.2) matches nothing against a /0."""
     network = ipaddress.ip_network(text)
-    forms = [str(network)]
+    networks: list[IPNetwork] = [network]
     if isinstance(network, ipaddress.IPv4Network):
         mapped = ipaddress.IPv6Address(f"::ffff:{network.network_address}")
-        forms.append(f"{mapped}/{96 + network.prefixlen}")
-    else:
+        networks.append(ipaddress.IPv6Network(f"{mapped}/{96 + network.prefixlen}"))
+    elif network.prefixlen >= 96 and network.subnet_of(_MAPPED):
         inner = network.network_address.ipv4_mapped
-        if inner is not None and network.prefixlen >= 96:
-            forms.append(f"{inner}/{network.prefixlen - 96}")
+        assert inner is not None
+        networks.append(ipaddress.IPv4Network(f"{inner}/{network.prefixlen - 96}"))
+    elif _MAPPED.subnet_of(network):  # ::/0, ::/64...: every IPv4 address too
+        networks.append(ipaddress.IPv4Network("0.0.0.0/0"))
+    forms = []
+    for each in networks:
+        halves = each.subnets(prefixlen_diff=1) if each.prefixlen == 0 else [each]
+        forms += [str(half) for half in halves]
     return forms
 
 
@@ -120,18 +137,25 @@ def render_networks(lists: GateLists) -> str:
     """pam_access rules: success (no exemption: go to the prompt) unless the address
     is in an exempt network and no required group names the account."""
     lines = ["# Written by otpgated; rewritten whenever settings or secrets change.\n"]
-    # Each network also in its other notation (10.0.0.0/8 and ::ffff:10.0.0.0/104),
-    # as the policy matches both; one entry per line, as pam_access reads lines into
-    # a fixed buffer. A network that does not parse (from an upstream) is left out:
-    # its logins are then asked `check`'s way or prompted, never spared a code.
+    # One entry per line, as pam_access reads lines into a fixed buffer. A network
+    # that does not parse (from an upstream) is left out: its logins are then
+    # prompted, and verify waives the code; never spared one.
     networks = []
     for text in lists.networks:
         try:
-            networks += _both_notations(text)
+            networks += _access_forms(text)
         except ValueError:
             continue
+    # pam_access compares names without case: `+ : Alice : ALL` would also spare
+    # `alice` the exemption. A name with such a twin gets no line (its logins from
+    # an exempt network ask `check`, which asks for the code).
+    folded = Counter(name.lower() for name in lists.asked)
     if networks:
-        lines += [f"+ : {name} : ALL\n" for name in lists.everywhere if _plain(name)]
+        lines += [
+            f"+ : {name} : ALL\n"
+            for name in lists.everywhere
+            if _plain(name) and folded[name.lower()] <= 1
+        ]
         lines += [f"- : ALL : {network}\n" for network in networks]
     lines.append("+ : ALL : ALL\n")
     return "".join(lines)

@@ -87,8 +87,8 @@ class GateWriter:
             write_file(self._directory, NETWORKS_FILE, render_networks(lists))
             write_file(self._directory, ASK_FILE, render_ask(lists))
         except Exception as exc:  # the old files stay: see the module's docstring
-            detail = exc.strerror if isinstance(exc, OSError) else ""
-            log.warning("gate_files_not_written error=%s %s", type(exc).__name__, detail or "")
+            detail = f" {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else ""
+            log.warning("gate_files_not_written error=%s%s", type(exc).__name__, detail)
             return False
         return True
 
