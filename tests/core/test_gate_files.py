@@ -145,6 +145,10 @@ def test_required_group_members_are_listed_and_asked_everywhere(env: Env) -> Non
     }
     service.update_config({"required_groups": ["admins"], "exempt_groups": ["ops"]})
     lists = gate_lists(service)
+    # `everywhere` only matters against an exempt network, and is only told then.
+    assert (lists.asked, lists.everywhere) == (("alice", "bob"), ())
+    service.update_config({"exempt_networks": ["10.0.0.0/8"]})
+    lists = gate_lists(service)
     assert (lists.asked, lists.everywhere) == (("alice", "bob"), ("alice", "bob"))
 
 
@@ -173,7 +177,7 @@ def test_a_secret_of_another_uid_does_not_list_a_recreated_account(env: Env) -> 
     assert gate_lists(service).asked == ()
 
 
-def test_names_pam_access_or_pam_listfile_could_misread_are_left_out(env: Env) -> None:
+def test_names_are_written_only_where_they_can_not_be_misread(env: Env) -> None:
     service, accounts, groups, store = env
     # Names renew_secret accepts (core.accounts.check_username) ...
     keywords = ["ALL", "all", "All", "LOCAL", "local", "EXCEPT", "except"]
@@ -183,20 +187,25 @@ def test_names_pam_access_or_pam_listfile_could_misread_are_left_out(env: Env) -
         accounts.add(name, uid)
         service.renew_secret(name)
     # ... and rows it would refuse, for accounts NSS would return (anything goes there).
-    odd = ["a b", "a:b", "(wheel)", "@netgroup", "a,b", "+x", "-x", "a\tb", "a\nb", "é", ""]
-    for uid, name in enumerate(odd, start=4000):
+    odd = ["a:b", "(wheel)", "@netgroup", "a,b", "+x", "-x", "é"]  # one line to pam_listfile
+    unlistable = ["a b", "a\tb", "a\nb", "", "x" * 254]
+    for uid, name in enumerate(odd + unlistable, start=4000):
         accounts.table[name] = Account(name, uid, uid, "", "/", "/bin/sh")
         _plant_secret(store, name, uid)
-    assert {a.username for a in service.enrolled_accounts()} >= set(odd)
-    # Even as required-group members none of them reaches networks.conf.
+    assert {a.username for a in service.enrolled_accounts()} >= set(odd + unlistable)
+    # ask holds every name that is one line to pam_listfile (blanks, control
+    # characters and over 253 bytes are not); pam_listfile compares whole lines.
     groups.table = {name: frozenset({"admins"}) for name in keywords + checked + odd}
     service.update_config({"required_groups": ["admins"], "exempt_networks": ["10.0.0.0/8"]})
     lists = gate_lists(service)
-    assert lists.asked == tuple(sorted(plain)) and lists.everywhere == ()
-    ask, networks = render_ask(lists), render_networks(lists)
-    assert ask == "".join(f"{name}\n" for name in sorted(plain))
-    assert networks == COMMENT + f"- : ALL : 10.0.0.0/8\n- : ALL : {MAPPED_10}\n+ : ALL : ALL\n"
-    ask.encode("ascii")  # the writer writes ASCII
+    listable = sorted(keywords + checked + plain + odd)
+    assert lists.asked == tuple(listable)
+    assert render_ask(lists) == "".join(f"{name}\n" for name in listable)
+    # networks.conf only plain names: as required-group members none of the others
+    # gets a line (their logins from an exempt network ask `check`).
+    assert render_networks(lists) == (
+        COMMENT + f"- : ALL : 10.0.0.0/8\n- : ALL : {MAPPED_10}\n+ : ALL : ALL\n"
+    )
 
 
 # -- networks.conf -------------------------------------------------------------------------
@@ -235,7 +244,9 @@ def test_lists_from_elsewhere_are_rendered_only_as_far_as_they_are_safe() -> Non
         everywhere=("ok", "EXCEPT", "a b", "LOCAL"),
         networks=("not-a-network", "10.0.0.5/8", "10.0.0.0/8", "ALL", "10.0.0.0/8 ALL"),
     )
-    assert render_ask(lists) == "ok\n"
+    # pam_listfile compares whole lines: only a line break or a blank could make a
+    # name into something else.
+    assert render_ask(lists) == "ok\nALL\na:b\n(wheel)\n@ng\nall\n"
     assert render_networks(lists) == COMMENT + (
         f"+ : ok : ALL\n- : ALL : 10.0.0.0/8\n- : ALL : {MAPPED_10}\n+ : ALL : ALL\n"
     )
@@ -254,12 +265,14 @@ def test_names_asked_about_are_listed_as_check_would_answer(env: Env) -> None:
     service.update_config({"exempt_groups": ["ops"], "required_groups": ["admins"]})
     names = ["nosuchuser", "alice", "bob", "carol", "dave", "ALL", "a b", "alice"]
     lists = gate_lists(service, names)
-    # bob: no secret, optional; carol: exempt group; dave: required, no secret (refused).
-    assert (lists.asked, lists.everywhere) == (("alice", "nosuchuser"), ())
+    # bob: no secret, optional; carol: exempt group; dave: required, no secret
+    # (refused); ALL: no such account, so asked as nosuchuser is.
+    assert (lists.asked, lists.everywhere) == (("ALL", "alice", "nosuchuser"), ())
     service.renew_secret("dave")
+    service.update_config({"exempt_networks": ["10.0.0.0/8"]})
     lists = gate_lists(service, names)
-    assert (lists.asked, lists.everywhere) == (("alice", "dave", "nosuchuser"), ("dave",))
-    assert gate_lists(service, []) == GateLists()
+    assert lists.asked == ("ALL", "alice", "dave", "nosuchuser") and lists.everywhere == ("dave",)
+    assert gate_lists(service, []) == GateLists(networks=("10.0.0.0/8",))
 
 
 def test_required_members_come_before_the_network_lines(env: Env) -> None:
@@ -284,7 +297,8 @@ def test_without_exempt_networks_the_file_lets_everyone_through(env: Env) -> Non
     groups.table = {"bob": frozenset({"admins"})}
     service.update_config({"required_groups": ["admins"]})
     lists = gate_lists(service)
-    assert lists.everywhere == ("bob",)
+    assert lists.asked == ("bob",) and lists.everywhere == ()
+    lists = GateLists(asked=("bob",), everywhere=("bob",))  # as a central might send
     # No exemption to override: the required members need no line of their own.
     assert render_networks(lists) == COMMENT + "+ : ALL : ALL\n"
     assert render_networks(GateLists()) == COMMENT + "+ : ALL : ALL\n"

@@ -1,5 +1,5 @@
-"""The gate files on disk: server.gate_writer's write_file and GateWriter in a
-temporary directory, then as a real otpgated (central and edge) keeps them in
+"""The gate files on disk: core.paths.write_atomic (as server.gate_writer calls it)
+and GateWriter in a temporary directory, then as a real otpgated (central and edge) keeps them in
 runtime_dir/gate."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from otpgate.core.crypto import create_key_file
 from otpgate.core.gate_files import ASK_FILE, NETWORKS_FILE, GateLists, render_networks
-from otpgate.server.gate_writer import GateWriter, write_file
+from otpgate.core.paths import write_atomic
+from otpgate.server.gate_writer import GateWriter
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
 from tests.fleet_harness import Central, Pki, edge_toml, free_port
@@ -63,7 +64,12 @@ def bait(tmp_path: Path) -> Path:
     return path
 
 
-# -- write_file --------------------------------------------------------------------------
+# -- the atomic write ---------------------------------------------------------------------
+
+
+def write_file(directory: str, name: str, text: str) -> None:
+    """As the writer writes each file."""
+    write_atomic(os.path.join(directory, name), text, 0o600)
 
 
 def test_write_file_makes_a_root_only_file_and_leaves_the_directory(gate_dir: Path) -> None:
@@ -85,17 +91,18 @@ def test_write_file_makes_a_root_only_file_and_leaves_the_directory(gate_dir: Pa
     assert sorted(p.name for p in gate_dir.iterdir()) == [ASK_FILE, NETWORKS_FILE]
 
 
-def test_a_leftover_tmp_file_is_replaced(gate_dir: Path, bait: Path) -> None:
-    tmp = gate_dir / ".ask.tmp"
-    tmp.write_text("root\nleft by a crash\n")
-    tmp.chmod(0o666)
-    write_file(str(gate_dir), ASK_FILE, "alice\n")
-    assert (gate_dir / ASK_FILE).read_text() == "alice\n" and not tmp.exists()
-    # A link planted as the tmp file is removed, never followed.
-    tmp.symlink_to(bait)
-    write_file(str(gate_dir), ASK_FILE, "bob\n")
-    assert (gate_dir / ASK_FILE).read_text() == "bob\n" and not os.path.lexists(tmp)
+def test_files_and_links_planted_beside_it_are_never_written_through(
+    gate_dir: Path, bait: Path
+) -> None:
+    # The new text goes to a fresh file of a random name (O_EXCL), never to a name
+    # someone could have taken first.
+    (gate_dir / ".ask.tmp").write_text("root\nleft by a crash\n")
+    (gate_dir / ".otpgate-planted").symlink_to(bait)
+    for text in ("alice\n", "bob\n"):
+        write_file(str(gate_dir), ASK_FILE, text)
+        assert (gate_dir / ASK_FILE).read_text() == text
     assert bait.read_text() == "not to be written\n" and _mode(bait) == 0o644
+    assert sorted(p.name for p in gate_dir.iterdir()) == [".ask.tmp", ".otpgate-planted", ASK_FILE]
 
 
 def test_a_link_planted_at_the_target_is_replaced_by_a_file(gate_dir: Path, bait: Path) -> None:
@@ -177,8 +184,8 @@ def test_changed_leads_to_a_rewrite_soon_and_stop_joins(gate_dir: Path) -> None:
     build = Lists(GateLists())
     writer = GateWriter(str(gate_dir), build, refresh_seconds=3600)
     threads = _writer_threads()
-    writer.start()  # writes at once, then waits for changes
-    assert (gate_dir / ASK_FILE).read_text() == "" and build.calls == 1
+    writer.start()  # writes soon, in its thread, then waits for changes
+    poll(lambda: _text(gate_dir / ASK_FILE) == "" and build.calls == 1, timeout=3)
     assert _writer_threads() == threads + 1
     build.lists = ALICE
     writer.changed()
@@ -187,6 +194,8 @@ def test_changed_leads_to_a_rewrite_soon_and_stop_joins(gate_dir: Path) -> None:
     started = time.monotonic()
     writer.stop()
     assert time.monotonic() - started < 2 and _writer_threads() == threads
+    # Nobody keeps them current now: the files go (the directory stays).
+    assert list(gate_dir.iterdir()) == []
     writer.stop()  # twice: nothing more
 
 
@@ -214,15 +223,14 @@ def test_min_spacing_bounds_rewrites_and_stop_does_not_wait_it_out(gate_dir: Pat
     build = Lists(GateLists())
     writer = GateWriter(str(gate_dir), build, refresh_seconds=3600, min_spacing=10)
     writer.start()
-    writer.changed()
-    poll(lambda: build.calls == 2, timeout=2)
+    poll(lambda: build.calls == 1, timeout=2)
     for _ in range(50):  # a burst of new names: nothing until the spacing has passed
         writer.changed()
     time.sleep(0.2)
-    assert build.calls == 2
+    assert build.calls == 1
     started = time.monotonic()
     writer.stop()
-    assert time.monotonic() - started < 2 and build.calls == 2
+    assert time.monotonic() - started < 2 and build.calls == 1
 
 
 # -- a real otpgated -------------------------------------------------------------------
@@ -239,6 +247,7 @@ def _files(daemon: Daemon) -> tuple[str | None, str | None]:
 
 def test_a_started_daemon_keeps_root_only_gate_files(daemon: Daemon) -> None:
     gate = _gate(daemon)
+    poll(lambda: _quiet(gate))  # written by the writer's thread, just after the start
     assert stat.S_ISDIR(os.lstat(gate).st_mode) and _mode(gate) == 0o700
     assert os.lstat(gate).st_uid == 0
     assert sorted(p.name for p in gate.iterdir()) == [ASK_FILE, NETWORKS_FILE]
@@ -296,11 +305,10 @@ def test_a_replaced_file_is_put_right_by_the_next_rewrite(
         hostile.write_text("root\nALL\nnobody\n")
         hostile.chmod(0o666)
         hostile.rename(gate / ASK_FILE)
-        for name in (NETWORKS_FILE, ".ask.tmp"):
-            hostile.symlink_to(bait)
-            hostile.rename(gate / name)
-        return _text(gate / ASK_FILE) == "root\nALL\nnobody\n" and all(
-            (gate / name).is_symlink() for name in (NETWORKS_FILE, ".ask.tmp")
+        hostile.symlink_to(bait)
+        hostile.rename(gate / NETWORKS_FILE)
+        return _text(gate / ASK_FILE) == "root\nALL\nnobody\n" and (
+            (gate / NETWORKS_FILE).is_symlink()
         )
 
     poll(plant)  # again if a rewrite came in between
@@ -313,7 +321,7 @@ def test_a_replaced_file_is_put_right_by_the_next_rewrite(
 
 
 def _quiet(gate: Path) -> bool:
-    """No rewrite under way: only the two files (no .NAME.tmp, nothing planted)."""
+    """No rewrite under way: only the two files (no temporary file, nothing planted)."""
     return sorted(p.name for p in gate.iterdir()) == [ASK_FILE, NETWORKS_FILE]
 
 

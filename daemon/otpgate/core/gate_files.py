@@ -19,10 +19,11 @@ network the file does not know) is shown a prompt it need not answer: `verify`
 with first-factor=required lets any answer through when the daemon says no code is
 needed.
 
-Names are written only if neither module can read them as anything but that one
-account (pam_access treats ALL, LOCAL, EXCEPT, @netgroup and (group) specially and
-ignores case; pam_listfile splits lines over 255 bytes); a name left out costs its
-logins the extra `check`, nothing more.
+Names are written only where the module reading them cannot take them for anything
+but that one account: `ask` holds any name without blanks or control characters, up
+to 253 bytes (pam_listfile splits longer lines); networks.conf only plain ones
+(pam_access treats ALL, LOCAL, EXCEPT, @netgroup and (group) specially, and ignores
+case). A name left out costs its logins the extra `check`, nothing more.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ from otpgate.core.records import Account
 from otpgate.core.service import TwoFactorService
 from otpgate.core.settings import Settings
 
-__all__ = ["ASK_FILE", "NETWORKS_FILE", "GateLists", "gate_lists", "render_ask", "render_networks"]
+__all__ = [
+    "ASK_FILE",
+    "NETWORKS_FILE",
+    "GateLists",
+    "gate_lists",
+    "listable",
+    "render_ask",
+    "render_networks",
+]
 
 ASK_FILE = "ask"
 NETWORKS_FILE = "networks.conf"
@@ -62,7 +71,16 @@ class GateLists:
 
 
 def _plain(name: str) -> bool:
+    """A name pam_access reads as that one account."""
     return bool(_PLAIN_NAME.fullmatch(name)) and name.upper() not in _ACCESS_KEYWORDS
+
+
+def listable(name: str) -> bool:
+    """A name pam_listfile reads as that one line: any but blanks and control
+    characters (alice@example.com and DOMAIN\\alice included), 253 bytes at most."""
+    return (
+        0 < len(name.encode()) <= 253 and name.isprintable() and not any(c.isspace() for c in name)
+    )
 
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -90,26 +108,35 @@ def _access_forms(text: str) -> list[str]:
     return forms
 
 
+# HostGate.AskList's bound per call: a page of names, not a whole directory.
 MAX_ASK_NAMES = 4096
 
 
-def gate_lists(service: TwoFactorService, usernames: Collection[str] | None = None) -> GateLists:
+def gate_lists(
+    service: TwoFactorService,
+    usernames: Collection[str] | None = None,
+    *,
+    enrolled: Collection[Account] | None = None,
+) -> GateLists:
     """The lists for the service's current settings, secrets and groups.
 
     With `usernames` (HostGate.AskList, for an edge's files): those names instead of
     the enrolled accounts, each listed exactly when Check, from an address no
     exemption covers, would ask it for a code; so unknown names are listed as
-    enrolled ones are, since Check does not tell them apart either."""
+    enrolled ones are, since Check does not tell them apart either. `enrolled`: the
+    service's enrolled_accounts() if the caller has them at hand (a recent copy)."""
     settings = service.get_config()
     networks = tuple(settings.exempt_networks)
     if not policy.covers(settings, _SSH_SERVICE):
         return GateLists(networks=networks)
-    holders = {account.username: account for account in service.enrolled_accounts()}
+    if enrolled is None:
+        enrolled = service.enrolled_accounts()
+    holders = {account.username: account for account in enrolled}
     asked: list[str] = []
     everywhere: list[str] = []
     now = service.now()
     for name in sorted(holders if usernames is None else set(usernames)):
-        if not _plain(name):
+        if not listable(name):
             continue
         account = holders.get(name) or service.lookup(name)
         rule = policy.Match() if account is None else _rule(service, settings, account)
@@ -119,7 +146,9 @@ def gate_lists(service: TwoFactorService, usernames: Collection[str] | None = No
         )  # fmt: skip
         if access.asked and not access.refused:
             asked.append(name)
-            if rule.reason is policy.Reason.REQUIRED_GROUP:
+            # Only of use against an exempt network, and only told then: Check
+            # tells a required member from another account only there.
+            if rule.reason is policy.Reason.REQUIRED_GROUP and networks:
                 everywhere.append(name)
     return GateLists(tuple(asked), tuple(everywhere), networks)
 
@@ -130,7 +159,8 @@ def _rule(service: TwoFactorService, settings: Settings, account: Account) -> po
 
 
 def render_ask(lists: GateLists) -> str:
-    return "".join(f"{name}\n" for name in lists.asked if _plain(name))
+    # Checked again here: an edge's lists come from the network.
+    return "".join(f"{name}\n" for name in lists.asked if listable(name))
 
 
 def render_networks(lists: GateLists) -> str:

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Collection, Iterator
 from typing import Literal
 
@@ -276,3 +277,22 @@ def parent_nofollow(path: str) -> Iterator[tuple[int, str]]:
         yield fd, last
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace `path` with `text` in one rename, so a reader sees the old file or the
+    new one, never part of either; the new file gets `mode` before it is renamed
+    into place. A symlink at `path` is replaced, never followed."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".otpgate-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -138,6 +138,8 @@ class TwoFactorService:
         # Told after each change of settings or of who is enrolled (server.gate_writer
         # rewrites the SSH stacks' gate files then); it must not raise.
         self._on_change = on_change or (lambda: None)
+        # Counts those changes: a copy of what they change is current while it holds.
+        self.generation = 0
         self.check_key()
         self._recovery_key = self._load_recovery_key()
 
@@ -174,6 +176,10 @@ class TwoFactorService:
         if missing:
             raise KeyMismatch(f"secrets sealed with unknown key ids: {', '.join(sorted(missing))}")
 
+    def _changed(self) -> None:
+        self.generation += 1
+        self._on_change()
+
     # -- settings -------------------------------------------------------------------
 
     def get_config(self) -> Settings:
@@ -188,7 +194,7 @@ class TwoFactorService:
                 updated, audit="changed " + ",".join(changed), now=int(self._clock())
             )
             log.info("settings_updated fields=%s", ",".join(changed))
-            self._on_change()
+            self._changed()
         return updated
 
     def effective_issuer(self, settings: Settings) -> str:
@@ -274,7 +280,7 @@ class TwoFactorService:
             return dataclasses.replace(view, provisioning_uri=uri)
         if not self._store.put_secret(record, expected=expected):
             raise SecretChanged(f"the 2FA secret of {account.username} changed meanwhile")
-        self._on_change()
+        self._changed()
         log.info("secret_renewed user=%s digits=%d interval=%d", account.username, digits, seconds)
         return UserView(self._details(account), record, provisioning_uri=uri)
 
@@ -308,7 +314,7 @@ class TwoFactorService:
             account.username, account.uid, record.sealed, step, now=int(now), expected=expected
         ):
             raise SecretChanged(f"the 2FA secret of {account.username} changed meanwhile")
-        self._on_change()
+        self._changed()
         log.info("secret_confirmed user=%s", account.username)
         return self._view(account, self._record_for(account))
 
@@ -332,7 +338,7 @@ class TwoFactorService:
             account = AccountDetails(record.username, record.uid, 0, "", "", "", (), False)
         if self._store.delete_secret(account.username, now=int(self._clock())):
             log.info("secret_unset user=%s", account.username)
-            self._on_change()
+            self._changed()
         return UserView(account, None)
 
     def enrollment(self, username: str) -> Enrollment:
@@ -462,7 +468,7 @@ class TwoFactorService:
         if not dry_run and not enrolled:
             enrolled = self._store.import_secrets(items, now=now)
             if not enrolled:
-                self._on_change()
+                self._changed()
         if enrolled:
             raise FailedPrecondition(
                 f"already enrolled, so nothing was imported: {', '.join(enrolled)} "

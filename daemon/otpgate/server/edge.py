@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pwd
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -31,7 +30,7 @@ from google.protobuf.message import Message
 from otpgate import pki
 from otpgate.core.accounts import lookup_account
 from otpgate.core.crypto import Sealed
-from otpgate.core.gate_files import MAX_ASK_NAMES, GateLists
+from otpgate.core.gate_files import MAX_ASK_NAMES, GateLists, listable
 from otpgate.core.ports import PasswordChecker
 from otpgate.core.records import Account, AccountDetails, PasswordResult, SecretRecord
 from otpgate.core.service import UserView, Verification, VerifyResult
@@ -190,7 +189,7 @@ class Upstreams:
 
     def _move_past(self, index: int, why: str) -> None:
         with self._lock:
-            if self._first != index:
+            if self._first != index or len(self._stubs) == 1:
                 return
             self._first = (index + 1) % len(self._stubs)
             following = self.addresses[self._first]
@@ -232,15 +231,88 @@ class SeenNames:
             return list(self._names)
 
 
-def edge_gate_lists(upstreams: Upstreams, seen: SeenNames) -> GateLists:
-    """The gate files' lists, from the centrals (HostGate.AskList) for this host's
-    own accounts and the names of its latest logins, at most MAX_ASK_NAMES."""
-    names = dict.fromkeys(reversed(seen.names()))  # the latest first
-    with contextlib.suppress(OSError):
-        names.update(dict.fromkeys(entry.pw_name for entry in pwd.getpwall()))
-    request = pb.AskListRequest(usernames=list(names)[:MAX_ASK_NAMES])
-    reply: pb.AskListReply = upstreams.call("AskList", request)
-    return GateLists(tuple(reply.asked), tuple(reply.everywhere), tuple(reply.exempt_networks))
+# The centrals refuse requests over 64 KiB (server.main's _SERVER_OPTIONS).
+_ASK_BATCH_BYTES = 48 * 1024
+_BATCH_PAUSE_SECONDS = 1.1
+# A central that does not know AskList (older than this edge) is asked again after this.
+_REFUSED_PAUSE_SECONDS = 600.0
+
+
+class EdgeGateLists:
+    """The gate files' lists, from the centrals (HostGate.AskList), for this host's
+    own accounts (/etc/passwd: NSS may list a whole directory, slowly) and the
+    names of its latest logins: MAX_ASK_NAMES at most, half of them kept for the
+    former, so no flood of made-up names crowds them out."""
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        seen: SeenNames,
+        *,
+        accounts_file: str = "/etc/passwd",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._upstreams = upstreams
+        self._seen = seen
+        self._accounts_file = accounts_file
+        self._clock = clock
+        self._paused_until = 0.0
+
+    def _names(self) -> list[str]:
+        local: list[str] = []
+        with contextlib.suppress(OSError), open(self._accounts_file, encoding="utf-8") as f:
+            local = [line.split(":", 1)[0] for line in f if ":" in line]
+        # Only names the files can hold: the others would cost the central for nothing.
+        names = dict.fromkeys([n for n in local if listable(n)][: MAX_ASK_NAMES // 2])
+        for name in reversed(self._seen.names()):  # the latest first
+            if len(names) >= MAX_ASK_NAMES:
+                break
+            if listable(name):
+                names[name] = None
+        return list(names)
+
+    def __call__(self) -> GateLists | None:
+        """The lists; None (the files stay as they are) while the centrals refuse."""
+        if self._clock() < self._paused_until:
+            return None
+        asked: list[str] = []
+        everywhere: list[str] = []
+        networks: tuple[str, ...] = ()
+        for number, batch in enumerate(_batches(self._names())):
+            if number:
+                time.sleep(_BATCH_PAUSE_SECONDS)  # a central takes one a second from a host
+            try:
+                reply: pb.AskListReply = self._upstreams.call(
+                    "AskList", pb.AskListRequest(usernames=batch)
+                )
+            except UpstreamRefused as exc:
+                if exc.code not in ("PERMISSION_DENIED", "UNIMPLEMENTED"):
+                    raise
+                self._paused_until = self._clock() + _REFUSED_PAUSE_SECONDS
+                log.warning(
+                    "gate_lists_refused code=%s details=%s: logins that need a code ask "
+                    "check first; asked again in %d minutes (are the centrals older than "
+                    "this edge?)",
+                    exc.code, exc.details, _REFUSED_PAUSE_SECONDS // 60,
+                )  # fmt: skip
+                return None
+            asked += reply.asked
+            everywhere += reply.everywhere
+            networks = tuple(reply.exempt_networks)
+        return GateLists(tuple(asked), tuple(everywhere), networks)
+
+
+def _batches(names: list[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for name in names:
+        cost = len(name.encode()) + 3  # the field's tag and length
+        if batch and size + cost > _ASK_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += cost
+    yield batch
 
 
 class EdgePamServicer(pb_grpc.PamGateServicer):

@@ -28,38 +28,33 @@ from otpgate.core.gate_files import (
     render_ask,
     render_networks,
 )
+from otpgate.core.paths import write_atomic
 
-__all__ = ["REFRESH_SECONDS", "GateWriter", "write_file"]
+__all__ = ["REFRESH_SECONDS", "GateWriter", "remove_lists", "write_lists"]
 
 log = logging.getLogger("otpgated")
 
 REFRESH_SECONDS = 30.0
 
 
-def write_file(directory: str, name: str, text: str) -> None:
-    """Replace directory/name with text, root-only (0600), in one rename."""
-    path = os.path.join(directory, name)
-    tmp = os.path.join(directory, f".{name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # a leftover of a crash: O_EXCL below must make a new file
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_lists(directory: str, lists: GateLists) -> None:
+    """Both files, root-only (0600), each replaced in one rename; networks.conf
+    first (see above)."""
+    write_atomic(os.path.join(directory, NETWORKS_FILE), render_networks(lists), 0o600)
+    write_atomic(os.path.join(directory, ASK_FILE), render_ask(lists), 0o600)
+
+
+def remove_lists(directory: str) -> None:
+    for name in (NETWORKS_FILE, ASK_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
 
 
 class GateWriter:
     def __init__(
         self,
         directory: str,
-        build: Callable[[], GateLists],
+        build: Callable[[], GateLists | None],
         *,
         refresh_seconds: float = REFRESH_SECONDS,
         min_spacing: float = 0.0,
@@ -84,8 +79,9 @@ class GateWriter:
         on the runtime directory's tmpfs)."""
         try:
             lists = self._build()
-            write_file(self._directory, NETWORKS_FILE, render_networks(lists))
-            write_file(self._directory, ASK_FILE, render_ask(lists))
+            if lists is None:  # the source says "not now" and has said why
+                return False
+            write_lists(self._directory, lists)
         except Exception as exc:  # the old files stay: see the module's docstring
             detail = f" {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else ""
             log.warning("gate_files_not_written error=%s%s", type(exc).__name__, detail)
@@ -93,14 +89,19 @@ class GateWriter:
         return True
 
     def start(self) -> None:
-        self.write_now()
+        """Write soon, in the thread: files of an earlier run are safe to read
+        meanwhile, and a daemon's start waits for no list of every account."""
+        self._wanted.set()
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread and, if it ran, remove the files: nobody keeps them
+        current any more (while no daemon answers, the files change nothing)."""
         self._stopping.set()
         self._wanted.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+            remove_lists(self._directory)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -30,6 +30,7 @@ from otpgate.core.crypto import Sealed
 from otpgate.core.gate import Decision, Gate, Verdict
 from otpgate.core.gate_files import MAX_ASK_NAMES, gate_lists
 from otpgate.core.ports import PasswordChecker
+from otpgate.core.records import Account
 from otpgate.core.service import PENDING_SECONDS, TwoFactorService
 from otpgate.core.throttle import Spacing
 from otpgate.errors import (
@@ -49,6 +50,9 @@ from otpgate.v1 import otpgate_pb2_grpc as pb_grpc
 
 GRANT_SECONDS = 300
 CONFIRM_SPACING_SECONDS = 1.0
+ASK_SPACING_SECONDS = 1.0
+# How old the read of the enrolled accounts that AskList answers from may be.
+ENROLLED_READ_SECONDS = 5.0
 # Grants outstanding at once: a hostile host proving codes in a loop must not grow
 # the table without bound (the oldest go first).
 MAX_GRANTS = 10_000
@@ -157,6 +161,8 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         self._grants = grants or Grants()
         self._bases = Bases()
         self._confirmations = Spacing(CONFIRM_SPACING_SECONDS, time.monotonic)
+        self._ask_lists = Spacing(ASK_SPACING_SECONDS, time.monotonic)
+        self._enrolled_read: tuple[int, float, list[Account]] | None = None
         self._clock = clock  # the service's: the store's times are in its seconds
 
     def _host(self, context: grpc.ServicerContext) -> str:
@@ -185,6 +191,20 @@ class HostGateServicer(pb_grpc.HostGateServicer):
             reply.otp_digits = self._digits(request.username)
         return reply
 
+    def _enrolled(self) -> list[Account]:
+        # Read again after any change through this daemon (an edge asks right after
+        # an enrollment's first login), else at most every ENROLLED_READ_SECONDS.
+        read = self._enrolled_read
+        generation = self._service.generation
+        if (
+            read is None
+            or read[0] != generation
+            or time.monotonic() - read[1] >= ENROLLED_READ_SECONDS
+        ):
+            read = (generation, time.monotonic(), self._service.enrolled_accounts())
+            self._enrolled_read = read
+        return read[2]
+
     def _digits(self, username: str) -> int:
         try:
             record = self._service.enrollment(username).record
@@ -208,7 +228,14 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         # nothing it could not ask Check one name at a time.
         if len(request.usernames) > MAX_ASK_NAMES:
             raise InvalidArgument("usernames", f"at most {MAX_ASK_NAMES} names per call")
-        lists = gate_lists(self._service, list(request.usernames))
+        # Each call looks at thousands of names: a host (edges ask every 30 s) gets
+        # one every ASK_SPACING_SECONDS, and shares one recent read of the secrets.
+        wait = self._ask_lists.take(self._host(context))
+        if wait:
+            raise TooManyAttempts(
+                f"AskList was called moments ago: try again in {wait:.1f} s", wait
+            )
+        lists = gate_lists(self._service, list(request.usernames), enrolled=self._enrolled())
         return pb.AskListReply(
             asked=lists.asked, everywhere=lists.everywhere, exempt_networks=lists.networks
         )

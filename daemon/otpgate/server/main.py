@@ -34,13 +34,13 @@ from otpgate.server import config as daemon_config
 from otpgate.server import logs, maintenance, sdnotify
 from otpgate.server.admin import AdminServicer
 from otpgate.server.edge import (
+    EdgeGateLists,
     EdgePamServicer,
     SeenNames,
     Upstreams,
     UpstreamSelfService,
-    edge_gate_lists,
 )
-from otpgate.server.gate_writer import GateWriter
+from otpgate.server.gate_writer import GateWriter, write_lists
 from otpgate.server.handlers import method_table
 from otpgate.server.host_gate import HostGateServicer
 from otpgate.server.keys import check_key_location, load_keyring
@@ -188,6 +188,9 @@ def _prepare_dir(path: str, mode: int) -> None:
     prepare_dir(path, mode, exact=not mode & 0o077, subject=f"directory {path}")
 
 
+# The least time between two rewrites of the gate files: a burst of enrollments (an
+# import, a script) makes one list, not one per account.
+GATE_SPACING = 1.0
 EDGE_GATE_SPACING = 2.0
 
 
@@ -388,15 +391,11 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
         timeout=config.upstream_timeout,
     )
     relay: UserSocketRelay | None = None
-    # Until the centrals answer AskList, the files list nobody: every login asks
-    # `check`, and pam_listfile finds a file to read.
-    GateWriter(gate_dir, GateLists).write_now()
     # A name seen for the first time is asked about soon, but at most every few
     # seconds, whatever names a client tries.
-    gate = GateWriter(
-        gate_dir, lambda: edge_gate_lists(upstreams, seen), min_spacing=EDGE_GATE_SPACING
-    )
+    gate = GateWriter(gate_dir, lambda: ask_centrals(), min_spacing=EDGE_GATE_SPACING)
     seen = SeenNames(on_new=gate.changed)
+    ask_centrals = EdgeGateLists(upstreams, seen)
     try:
         passwords = PamPasswordChecker(config.password_pam_service)
         callers = CallerRegistry()
@@ -407,6 +406,9 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
         user.start()
         relay = _start_relay(config, user, callers, budgets)
         pam.start(reflect=False)
+        # Until the centrals answer AskList, the files list nobody: every login asks
+        # `check`, and pam_listfile finds a file to read.
+        write_lists(gate_dir, GateLists())
         gate.start()
         log.info(
             "started version=%s mode=edge upstreams=%s", __version__, ",".join(config.upstreams)
@@ -463,7 +465,7 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
     gate: GateWriter | None = None
     try:
         keyring = load_keyring(config, store)
-        gate = GateWriter(gate_dir, lambda: gate_lists(service))
+        gate = GateWriter(gate_dir, lambda: gate_lists(service), min_spacing=GATE_SPACING)
         service = TwoFactorService(
             store,
             keyring,
@@ -473,7 +475,6 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
             groups=CachedGroupNames(),
             on_change=gate.changed,
         )
-        gate.start()
         admin = Socket(config.socket("admin"), config.workers, 0o660, gid)
         admin.add(_service("TwoFactorAdmin"), AdminServicer(service))
         passwords = PamPasswordChecker(config.password_pam_service)
@@ -487,6 +488,7 @@ def run(config: daemon_config.DaemonConfig, argv: list[str] | None = None) -> in
         user.start()
         relay = _start_relay(config, user, callers, budgets)
         pam.start(reflect=False)
+        gate.start()  # only now: a daemon that may not start leaves the files alone
         if config.listen:
             listener = _start_listener(config, service, passwords)
         log.info(

@@ -16,10 +16,10 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable
 from importlib import resources
 
+from otpgate.core.paths import write_atomic
 from otpgate.errors import FailedPrecondition, InvalidArgument, OtpgateError
 from otpgate.ssh import doctor
 
@@ -225,22 +225,6 @@ def _check_dropin_is_read(paths: Paths) -> None:
         )
 
 
-def _write_atomic(path: str, text: str, mode: int = 0o644) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".otpgate-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class Transaction:
     """Applies changes with backups; `rollback()` puts every file back as it was."""
 
@@ -259,7 +243,7 @@ class Transaction:
             if os.path.exists(change.path):
                 os.unlink(change.path)
         else:
-            _write_atomic(change.path, change.new)
+            write_atomic(change.path, change.new)
 
     def rollback(self) -> None:
         for path, text in self.saved.items():
@@ -267,7 +251,7 @@ class Transaction:
                 if os.path.exists(path):
                     os.unlink(path)
             else:
-                _write_atomic(path, text)
+                write_atomic(path, text)
 
     def keep_backup(self) -> None:
         """Record the originals so that --undo can restore them later."""
@@ -276,7 +260,7 @@ class Transaction:
         previous = load_backup(self.backup_dir)
         # The first setup's originals are the ones to return to.
         merged = {**self.saved, **previous}
-        _write_atomic(manifest, json.dumps(merged, indent=1), mode=0o600)
+        write_atomic(manifest, json.dumps(merged, indent=1), mode=0o600)
 
 
 def load_backup(backup_dir: str) -> dict[str, str | None]:
