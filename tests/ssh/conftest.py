@@ -25,7 +25,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from tests.conftest import REPO, Daemon
+from tests.conftest import REPO, Daemon, LocalUser
 
 SSHD = "/usr/sbin/sshd"
 HOOK = REPO / "pam_hook" / "otpgate-pam-hook"
@@ -218,3 +218,12 @@ def ssh_login(
         sock.close()
     result.seconds = time.monotonic() - start
     return result
+
+
+def authorize_key(sshd: Sshd, user: LocalUser) -> paramiko.Ed25519Key:
+    """A new key pair for `user`, its public half in the sshd's authorized_keys."""
+    keyfile = sshd.root / f"id_{user.name}"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keyfile)], check=True)
+    sshd.authorized_keys(user.name).write_text(Path(f"{keyfile}.pub").read_text())
+    sshd.authorized_keys(user.name).chmod(0o644)
+    return paramiko.Ed25519Key.from_private_key_file(str(keyfile))

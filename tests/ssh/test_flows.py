@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import paramiko
 import pyotp
 
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.conftest import Daemon, LocalUser
-from tests.ssh.conftest import Sshd, ssh_login
+from tests.ssh.conftest import Sshd, authorize_key, ssh_login
 
 MakeSshd = Callable[..., Sshd]
 
@@ -192,19 +191,11 @@ def test_frozen_daemon_gives_a_verdict_within_the_timeout(
 # -- flow (b): public key, then a code ---------------------------------------------------
 
 
-def _authorize_key(sshd: Sshd, user: LocalUser) -> paramiko.Ed25519Key:
-    keyfile = sshd.root / f"id_{user.name}"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keyfile)], check=True)
-    sshd.authorized_keys(user.name).write_text(Path(f"{keyfile}.pub").read_text())
-    sshd.authorized_keys(user.name).chmod(0o644)
-    return paramiko.Ed25519Key.from_private_key_file(str(keyfile))
-
-
 def test_publickey_then_code(daemon: Daemon, make_sshd: MakeSshd, user: LocalUser) -> None:
     enable(daemon)
     totp = enroll(daemon, user)
     sshd = make_sshd("publickey", daemon)
-    key = _authorize_key(sshd, user)
+    key = authorize_key(sshd, user)
     assert ssh_login(sshd.port, user.name, key=key, answers=[totp.now()]).ok
     assert not ssh_login(sshd.port, user.name, key=key, answers=[wrong(totp.now())]).ok
 
@@ -215,7 +206,7 @@ def test_publickey_flow_refuses_code_alone(
     enable(daemon)
     totp = enroll(daemon, user)
     sshd = make_sshd("publickey", daemon)
-    _authorize_key(sshd, user)
+    authorize_key(sshd, user)
     # keyboard-interactive without the key first: sshd's AuthenticationMethods and the
     # stack's first-factor-done line both refuse it.
     assert not ssh_login(sshd.port, user.name, answers=[totp.now()]).ok
@@ -226,7 +217,7 @@ def test_publickey_not_enrolled_optional_no_prompt(
 ) -> None:
     enable(daemon)
     sshd = make_sshd("publickey", daemon)
-    key = _authorize_key(sshd, user)
+    key = authorize_key(sshd, user)
     login = ssh_login(sshd.port, user.name, key=key)
     assert login.ok and login.prompts == []
 
@@ -237,7 +228,7 @@ def test_publickey_not_enrolled_optional_no_prompt(
 def test_publickey_always_prompt(daemon: Daemon, make_sshd: MakeSshd, user: LocalUser) -> None:
     enable(daemon, enrollment_policy=pb.ENROLLMENT_POLICY_REQUIRED)
     sshd = make_sshd("publickey", daemon, prompt="always")
-    key = _authorize_key(sshd, user)
+    key = authorize_key(sshd, user)
     login = ssh_login(sshd.port, user.name, key=key, answers=["123456"])
     assert not login.ok and "otpgate renew-secret" in login.text
     totp = enroll(daemon, user)

@@ -28,7 +28,7 @@ import pytest
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.cli.test_policy import make_group  # noqa: F401 - a fixture
 from tests.conftest import REPO, RUNUSER, Daemon, LocalUser
-from tests.ssh.conftest import HOOK, Login, Sshd, render_pam_snippet, ssh_login
+from tests.ssh.conftest import HOOK, Login, Sshd, authorize_key, render_pam_snippet, ssh_login
 from tests.ssh.test_flows import enroll, wrong
 from tests.ssh.test_policy import BASTION, enable
 
@@ -119,14 +119,6 @@ def gate_sshd(tmp_path_factory: pytest.TempPathFactory, hooks: Hooks) -> Iterato
     yield make
     for sshd in made:
         sshd.stop()
-
-
-def authorize_key(sshd: Sshd, user: LocalUser) -> paramiko.Ed25519Key:
-    keyfile = sshd.root / f"id_{user.name}"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keyfile)], check=True)
-    sshd.authorized_keys(user.name).write_text(Path(f"{keyfile}.pub").read_text())
-    sshd.authorized_keys(user.name).chmod(0o644)
-    return paramiko.Ed25519Key.from_private_key_file(str(keyfile))
 
 
 @dataclass

@@ -378,22 +378,20 @@ class TwoFactorService:
         account = self._account(username)
         return self._view(account, self._record_for(account))
 
+    def _enrolled(self) -> list[tuple[Account, SecretRecord]]:
+        pairs = []
+        for record in self._store.list_secrets():
+            account = self._accounts(record.username)
+            if account is not None and account.uid == record.uid:
+                pairs.append((account, record))
+        return pairs
+
     def enrolled_accounts(self) -> list[Account]:
         """Every account with a secret of its own (list_users without the views)."""
-        accounts = []
-        for record in self._store.list_secrets():
-            account = self._accounts(record.username)
-            if account is not None and account.uid == record.uid:
-                accounts.append(account)
-        return accounts
+        return [account for account, _ in self._enrolled()]
 
     def list_users(self) -> list[UserView]:
-        views = []
-        for record in self._store.list_secrets():
-            account = self._accounts(record.username)
-            if account is not None and account.uid == record.uid:
-                views.append(self._view(account, record))
-        return views
+        return [self._view(account, record) for account, record in self._enrolled()]
 
     def _view(self, account: Account, record: SecretRecord | None) -> UserView:
         left = 0 if record is None else self._store.recovery_codes_left(account.username)

@@ -392,7 +392,8 @@ def run_edge(config: daemon_config.DaemonConfig, argv: list[str] | None = None) 
     )
     relay: UserSocketRelay | None = None
     # A name seen for the first time is asked about soon, but at most every few
-    # seconds, whatever names a client tries.
+    # seconds, whatever names a client tries. (A lambda: ask_centrals needs `seen`,
+    # which needs `gate`.)
     gate = GateWriter(gate_dir, lambda: ask_centrals(), min_spacing=EDGE_GATE_SPACING)
     seen = SeenNames(on_new=gate.changed)
     ask_centrals = EdgeGateLists(upstreams, seen)
