@@ -288,3 +288,21 @@ def hook_exit(daemon: Daemon, username: str, code: str, fail: str) -> int:
         input=code.encode(), env=env, capture_output=True, timeout=30,
     )  # fmt: skip
     return result.returncode
+
+
+@pytest.fixture
+def pam_service() -> Iterator[Callable[[str], str]]:
+    """Writes an auth stack as a PAM service of a unique name (plus an account line,
+    which pamtester's authenticate never reaches); removed afterwards."""
+    made: list[Path] = []
+
+    def write(stack: str) -> str:
+        name = f"otpgate-test-{secrets.token_hex(4)}"
+        path = Path("/etc/pam.d") / name
+        path.write_text(stack + "account required pam_permit.so\n")
+        made.append(path)
+        return name
+
+    yield write
+    for path in made:
+        path.unlink(missing_ok=True)

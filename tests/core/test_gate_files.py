@@ -6,11 +6,8 @@ pamtester, with real local users) read what is written."""
 from __future__ import annotations
 
 import ipaddress
-import os
-import secrets
-import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -308,25 +305,6 @@ def test_without_exempt_networks_the_file_lets_everyone_through(env: Env) -> Non
 # -- read by the real modules (pamtester) ---------------------------------------------------
 
 
-@pytest.fixture
-def pam_service() -> Iterator[Callable[[str], str]]:
-    """PAM service files under unique names, removed afterwards."""
-    if os.geteuid() != 0 or shutil.which("pamtester") is None:
-        pytest.skip("needs root and pamtester")
-    made: list[Path] = []
-
-    def write(stack: str) -> str:
-        name = f"otpgate-gatetest-{secrets.token_hex(4)}"
-        path = Path("/etc/pam.d") / name
-        path.write_text(stack + "auth required pam_permit.so\naccount required pam_permit.so\n")
-        made.append(path)
-        return name
-
-    yield write
-    for path in made:
-        path.unlink(missing_ok=True)
-
-
 def pam_ok(service: str, user: str, rhost: str = "") -> bool:
     items = ["-I", f"rhost={rhost}"] if rhost else []
     result = subprocess.run(
@@ -358,9 +336,12 @@ def _real_service(tmp_path: Path, groups: Groups) -> TwoFactorService:
     return service
 
 
+PERMIT = "auth required pam_permit.so\n"  # success when the line under test passes
+
+
 def _access_stack(path: Path) -> str:
     # The stacks' pam_access line, on its own: success = "not exempt, go to the prompt".
-    return f"auth requisite pam_access.so nodefgroup noaudit accessfile={path}\n"
+    return f"auth requisite pam_access.so nodefgroup noaudit accessfile={path}\n{PERMIT}"
 
 
 def test_pam_access_reads_networks_conf_as_the_policy_means_it(
@@ -414,6 +395,7 @@ def test_pam_listfile_reads_ask_as_written(
     ask = _write(tmp_path / "ask", render_ask(gate_lists(service)))
     stack = pam_service(
         f"auth requisite pam_listfile.so quiet item=user sense=allow onerr=fail file={ask}\n"
+        + PERMIT
     )
     assert pam_ok(stack, listed.name)
     assert not pam_ok(stack, unlisted.name)
@@ -467,6 +449,7 @@ def test_a_long_name_lists_no_other_account(
     ask = _write(tmp_path / "ask", render_ask(gate_lists(service)))
     stack = pam_service(
         f"auth requisite pam_listfile.so quiet item=user sense=allow onerr=fail file={ask}\n"
+        + PERMIT
     )
     # pam_listfile looks no account up: "a" need not exist to be matched.
     assert not pam_ok(stack, "a")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyotp
@@ -18,22 +17,6 @@ from tests.conftest import Daemon, LocalUser
 from tests.pam_hook.conftest import HOOK_LAUNCHER, load_hook
 
 PY = f"/usr/bin/python3 -I -S {HOOK_LAUNCHER}"
-
-
-@pytest.fixture
-def pam_service() -> Iterator[Callable[[str], str]]:
-    made: list[Path] = []
-
-    def write(stack: str) -> str:
-        name = f"otpgate-hooktest-{secrets.token_hex(4)}"
-        path = Path("/etc/pam.d") / name
-        path.write_text(stack + "account required pam_permit.so\n")
-        made.append(path)
-        return name
-
-    yield write
-    for path in made:
-        path.unlink(missing_ok=True)
 
 
 def pamtester(service: str, user: str, typed: str | bytes) -> subprocess.CompletedProcess[str]:

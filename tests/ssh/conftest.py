@@ -140,9 +140,14 @@ def make_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
     made: list[Sshd] = []
 
     def make(
-        flow: str, daemon: Daemon, hook_options: str = "", prompt: str = "when-needed"
+        flow: str,
+        daemon: Daemon,
+        hook_options: str = "",
+        prompt: str = "when-needed",
+        edit: Callable[[str], str] = lambda text: text,
     ) -> Sshd:
-        pam_text = render_pam_snippet(flow, daemon.socket("pam"), hook_options, prompt)
+        """`edit`: a change to the rendered stack (tests.ssh.test_gate's counting hook)."""
+        pam_text = edit(render_pam_snippet(flow, daemon.socket("pam"), hook_options, prompt))
         sshd = Sshd(tmp_path_factory.mktemp("sshd"), flow, pam_text)
         made.append(sshd)
         return sshd.start()

@@ -28,7 +28,7 @@ import pytest
 from otpgate.v1 import otpgate_pb2 as pb
 from tests.cli.test_policy import make_group  # noqa: F401 - a fixture
 from tests.conftest import REPO, RUNUSER, Daemon, LocalUser
-from tests.ssh.conftest import HOOK, Login, Sshd, authorize_key, render_pam_snippet, ssh_login
+from tests.ssh.conftest import HOOK, Login, Sshd, authorize_key, ssh_login
 from tests.ssh.test_flows import enroll, wrong
 from tests.ssh.test_policy import BASTION, enable
 
@@ -87,38 +87,35 @@ GateSshd = Callable[..., Sshd]
 
 
 @pytest.fixture
-def gate_sshd(tmp_path_factory: pytest.TempPathFactory, hooks: Hooks) -> Iterator[GateSshd]:
+def gate_sshd(make_sshd: Callable[..., Sshd], hooks: Hooks) -> GateSshd:
     """A private sshd whose stack starts the hook through the counting launcher; with
     `gate_dir`, its gate lines read that directory instead of the daemon's."""
-    made: list[Sshd] = []
 
     def make(
         flow: str, daemon: Daemon, *, prompt: str = "when-needed", gate_dir: Path | None = None
     ) -> Sshd:
-        text = render_pam_snippet(flow, daemon.socket("pam"), prompt=prompt)
-        assert str(HOOK) in text
-        text = text.replace(str(HOOK), str(hooks.launcher))
-        # Every program the stack starts is the launcher or a /bin/sh test: the launcher
-        # counts every Python process a login costs.
-        rules = [line for line in text.splitlines() if line.strip() and line[0] != "#"]
-        programs = [line.partition("pam_exec.so")[2] for line in rules if "pam_exec.so" in line]
-        launched = f"/usr/bin/python3 -I -S {hooks.launcher} "
-        assert programs and all(
-            launched in program or (program.split()[1:3] == ["/bin/sh", "-c"])
-            for program in programs
-        ), programs
-        assert all(launched in line for line in rules if "python" in line)
-        if gate_dir is not None:
-            ours = f"{daemon.runtime_dir / 'gate'}/"
-            assert text.count(ours) == 2, text  # pam_listfile's file=, pam_access's accessfile=
-            text = text.replace(ours, f"{gate_dir}/")
-        sshd = Sshd(tmp_path_factory.mktemp("sshd"), flow, text)
-        made.append(sshd)
-        return sshd.start()
+        def counted(text: str) -> str:
+            assert str(HOOK) in text
+            text = text.replace(str(HOOK), str(hooks.launcher))
+            # Every program the stack starts is the launcher or a /bin/sh test: the
+            # launcher counts every Python process a login costs.
+            rules = [line for line in text.splitlines() if line.strip() and line[0] != "#"]
+            programs = [line.partition("pam_exec.so")[2] for line in rules if "pam_exec.so" in line]
+            launched = f"/usr/bin/python3 -I -S {hooks.launcher} "
+            assert programs and all(
+                launched in program or (program.split()[1:3] == ["/bin/sh", "-c"])
+                for program in programs
+            ), programs
+            assert all(launched in line for line in rules if "python" in line)
+            if gate_dir is not None:
+                ours = f"{daemon.runtime_dir / 'gate'}/"
+                assert text.count(ours) == 2, text  # pam_listfile's file=, pam_access's accessfile=
+                text = text.replace(ours, f"{gate_dir}/")
+            return text
 
-    yield make
-    for sshd in made:
-        sshd.stop()
+        return make_sshd(flow, daemon, prompt=prompt, edit=counted)
+
+    return make
 
 
 @dataclass
