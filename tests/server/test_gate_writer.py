@@ -233,6 +233,24 @@ def test_min_spacing_bounds_rewrites_and_stop_does_not_wait_it_out(gate_dir: Pat
     assert time.monotonic() - started < 2 and build.calls == 1
 
 
+def test_a_dear_list_is_made_less_often(gate_dir: Path) -> None:
+    class Slow(Lists):
+        def __call__(self) -> GateLists:
+            time.sleep(0.1)  # many accounts, their groups from a directory
+            return super().__call__()
+
+    build = Slow(ALICE)
+    writer = GateWriter(str(gate_dir), build, refresh_seconds=0.01)
+    writer.start()
+    try:
+        time.sleep(1.5)
+        # Each 0.1 s build waits ten times as long before the next periodic one:
+        # 2 or 3 builds, where a 0.01 s refresh alone would make over ten.
+        assert 1 <= build.calls <= 3, build.calls
+    finally:
+        writer.stop()
+
+
 # -- a real otpgated -------------------------------------------------------------------
 
 

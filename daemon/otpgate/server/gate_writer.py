@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from otpgate.core.gate_files import (
@@ -35,6 +36,9 @@ __all__ = ["REFRESH_SECONDS", "GateWriter", "remove_lists", "write_lists"]
 log = logging.getLogger("otpgated")
 
 REFRESH_SECONDS = 30.0
+BUSY_SHARE_PERIODIC = 10.0
+BUSY_SHARE_CHANGES = 4.0
+SLOW_SECONDS = 1.0
 
 
 def write_lists(directory: str, lists: GateLists) -> None:
@@ -104,9 +108,17 @@ class GateWriter:
             remove_lists(self._directory)
 
     def _loop(self) -> None:
+        took = 0.0
         while not self._stopping.is_set():
-            self._wanted.wait(self._refresh)
+            # A list that is dear to make (many accounts, groups from a directory)
+            # is made less often: the writer takes at most about a tenth of the time
+            # between its periodic rewrites, a fifth between rewrites on changes.
+            self._wanted.wait(max(self._refresh, BUSY_SHARE_PERIODIC * took))
             self._wanted.clear()
             if not self._stopping.is_set():
+                started = time.monotonic()
                 self.write_now()
-                self._stopping.wait(self._spacing)
+                took = time.monotonic() - started
+                if took >= SLOW_SECONDS:
+                    log.info("gate_files_slow seconds=%.1f", took)
+                self._stopping.wait(max(self._spacing, BUSY_SHARE_CHANGES * took))
