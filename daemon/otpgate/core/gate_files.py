@@ -14,10 +14,10 @@ the prompt and to `verify`, where the daemon decides as it always did. So every
 flaw of theirs fails closed. An account missing from `ask` (the file missing, cut
 short, stale, refused by pam_listfile for being world-writable, a symlink or a
 directory), or a `networks.conf` pam_access cannot read, sends the login through
-`check`, the old two hook calls; an account listed wrongly (its secret removed since, or an exempt
-network the file does not know) is shown a prompt it need not answer: `verify`
-with first-factor=required lets any answer through when the daemon says no code is
-needed.
+`check`, the old two hook calls; an account listed wrongly (its secret removed
+since, or an exempt network the file does not know) is shown a prompt it need not
+answer: `verify` with first-factor=required lets any answer through when the
+daemon says no code is needed.
 
 Names are written only where the module reading them cannot take them for anything
 but that one account: `ask` holds any name without blanks or control characters, up
@@ -54,8 +54,7 @@ ASK_FILE = "ask"
 NETWORKS_FILE = "networks.conf"
 # The PAM service a gate line serves: the stacks are SSH's ("sshd", "sshd-...").
 _SSH_SERVICE = "sshd"
-# pam_listfile reads lines of at most 255 bytes with their newline: a longer name
-# would be read as two.
+# The names networks.conf may hold: pam_access reads nothing else into them.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}\$?")
 _ACCESS_KEYWORDS = frozenset({"ALL", "LOCAL", "EXCEPT"})
 
@@ -77,7 +76,9 @@ def _plain(name: str) -> bool:
 
 def listable(name: str) -> bool:
     """A name pam_listfile reads as that one line: any but blanks and control
-    characters (alice@example.com and DOMAIN\\alice included), 253 bytes at most."""
+    characters (alice@example.com and DOMAIN\\alice included), 253 bytes at most
+    (pam_listfile reads lines of at most 255 bytes with their newline: a longer name
+    would be read as two)."""
     return (
         0 < len(name.encode()) <= 253 and name.isprintable() and not any(c.isspace() for c in name)
     )
