@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from otpgate.core.accounts import local_account_names
 from otpgate.core.gate_files import MAX_ASK_NAMES, GateLists
 from otpgate.errors import UpstreamRefused
 from otpgate.server.edge import EdgeGateLists, SeenNames, Upstreams
@@ -45,7 +46,9 @@ def test_long_names_beyond_one_message_are_asked_in_batches(
         seen.add(user.name)  # the latest login
         passwd = tmp_path / "passwd"
         passwd.write_text("root:x:0:0::/root:/bin/sh\n")
-        lists = EdgeGateLists(upstreams, seen, accounts_file=str(passwd))()
+        lists = EdgeGateLists(
+            upstreams, seen, local_names=lambda: local_account_names(str(passwd))
+        )()
     finally:
         upstreams.close()
     assert lists is not None
@@ -73,7 +76,7 @@ def _lists(centrals: Centrals, seen: SeenNames, passwd: Path, clock: list[float]
     return EdgeGateLists(
         centrals,  # type: ignore[arg-type]
         seen,
-        accounts_file=str(passwd),
+        local_names=lambda: local_account_names(str(passwd)),
         clock=lambda: clock[0],
     )
 

@@ -98,7 +98,7 @@ def group_files_stamp() -> Hashable:
     return None if group is None or passwd is None else (group, passwd)
 
 
-class _StampedCache(Generic[K, V]):
+class StampedCache(Generic[K, V]):
     """Answers kept for at most `ttl` seconds, all dropped when the stamp of the
     files they come from changes (or cannot be read)."""
 
@@ -154,7 +154,7 @@ class CachedGroupNames:
         stamp: Callable[[], Hashable] = group_files_stamp,
     ) -> None:
         self._lookup = lookup
-        self._cache: _StampedCache[tuple[str, int, int], frozenset[str]] = _StampedCache(
+        self._cache: StampedCache[tuple[str, int, int], frozenset[str]] = StampedCache(
             ttl=ttl, max_entries=max_entries, clock=clock, stamp=stamp
         )
 
@@ -189,12 +189,22 @@ class CachedAccountLookup:
         stamp: Callable[[], Hashable] = passwd_file_stamp,
     ) -> None:
         self._lookup = lookup
-        self._cache: _StampedCache[str, Account | None] = _StampedCache(
+        self._cache: StampedCache[str, Account | None] = StampedCache(
             ttl=ttl, max_entries=max_entries, clock=clock, stamp=stamp
         )
 
     def __call__(self, username: str) -> Account | None:
         return self._cache.get(username, lambda: self._lookup(username))
+
+
+def local_account_names(path: str = _LOCAL_PASSWD) -> list[str]:
+    """The names in /etc/passwd, in its order, without asking NSS (which may list a
+    whole directory, slowly); [] when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as passwd:
+            return [line.split(":", 1)[0] for line in passwd if ":" in line]
+    except OSError:
+        return []
 
 
 def _is_local(username: str) -> bool:

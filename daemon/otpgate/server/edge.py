@@ -15,7 +15,6 @@ an account only with a grant from a code typed here a moment before.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -28,7 +27,7 @@ from cryptography import x509
 from google.protobuf.message import Message
 
 from otpgate import pki
-from otpgate.core.accounts import lookup_account
+from otpgate.core.accounts import local_account_names, lookup_account
 from otpgate.core.crypto import Sealed
 from otpgate.core.gate_files import MAX_ASK_NAMES, GateLists, listable
 from otpgate.core.ports import PasswordChecker
@@ -249,21 +248,19 @@ class EdgeGateLists:
         upstreams: Upstreams,
         seen: SeenNames,
         *,
-        accounts_file: str = "/etc/passwd",
+        local_names: Callable[[], list[str]] = local_account_names,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._upstreams = upstreams
         self._seen = seen
-        self._accounts_file = accounts_file
+        self._local_names = local_names
         self._clock = clock
         self._paused_until = 0.0
 
     def _names(self) -> list[str]:
-        local: list[str] = []
-        with contextlib.suppress(OSError), open(self._accounts_file, encoding="utf-8") as f:
-            local = [line.split(":", 1)[0] for line in f if ":" in line]
         # Only names the files can hold: the others would cost the central for nothing.
-        names = dict.fromkeys([n for n in local if listable(n)][: MAX_ASK_NAMES // 2])
+        local = [name for name in self._local_names() if listable(name)]
+        names = dict.fromkeys(local[: MAX_ASK_NAMES // 2])
         for name in reversed(self._seen.names()):  # the latest first
             if len(names) >= MAX_ASK_NAMES:
                 break

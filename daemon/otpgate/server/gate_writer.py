@@ -79,8 +79,8 @@ class GateWriter:
         """Make the lists and write both files; False when it failed.
 
         Written whole each time, changed or not: a file someone replaced, truncated
-        or chmod-ed is put right within REFRESH_SECONDS (tens of bytes per account,
-        on the runtime directory's tmpfs)."""
+        or chmod-ed is put right at the next periodic rewrite (tens of bytes per
+        account, on the runtime directory's tmpfs)."""
         try:
             lists = self._build()
             if lists is None:  # the source says "not now" and has said why

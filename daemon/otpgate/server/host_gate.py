@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import grpc
 
+from otpgate.core.accounts import StampedCache
 from otpgate.core.crypto import Sealed
 from otpgate.core.gate import Decision, Gate, Verdict
 from otpgate.core.gate_files import MAX_ASK_NAMES, gate_lists
@@ -162,7 +163,16 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         self._bases = Bases()
         self._confirmations = Spacing(CONFIRM_SPACING_SECONDS, time.monotonic)
         self._ask_lists = Spacing(ASK_SPACING_SECONDS, time.monotonic)
-        self._enrolled_read: tuple[int, float, list[Account]] | None = None
+        # One recent read of the enrolled accounts for every AskList, read again
+        # after any change through this daemon (an edge asks right after an
+        # enrollment's first login). A change another thread counts at the same
+        # moment may go unseen: then the copy is at most ENROLLED_READ_SECONDS old.
+        self._enrolled: StampedCache[None, list[Account]] = StampedCache(
+            ttl=ENROLLED_READ_SECONDS,
+            max_entries=1,
+            clock=time.monotonic,
+            stamp=lambda: service.generation,
+        )
         self._clock = clock  # the service's: the store's times are in its seconds
 
     def _host(self, context: grpc.ServicerContext) -> str:
@@ -190,20 +200,6 @@ class HostGateServicer(pb_grpc.HostGateServicer):
         if reply.verdict == pb.VERDICT_OTP_REQUIRED:
             reply.otp_digits = self._digits(request.username)
         return reply
-
-    def _enrolled(self) -> list[Account]:
-        # Read again after any change through this daemon (an edge asks right after
-        # an enrollment's first login), else at most every ENROLLED_READ_SECONDS.
-        read = self._enrolled_read
-        generation = self._service.generation
-        if (
-            read is None
-            or read[0] != generation
-            or time.monotonic() - read[1] >= ENROLLED_READ_SECONDS
-        ):
-            read = (generation, time.monotonic(), self._service.enrolled_accounts())
-            self._enrolled_read = read
-        return read[2]
 
     def _digits(self, username: str) -> int:
         try:
@@ -235,7 +231,8 @@ class HostGateServicer(pb_grpc.HostGateServicer):
             raise TooManyAttempts(
                 f"AskList was called moments ago: try again in {wait:.1f} s", wait
             )
-        lists = gate_lists(self._service, list(request.usernames), enrolled=self._enrolled())
+        enrolled = self._enrolled.get(None, self._service.enrolled_accounts)
+        lists = gate_lists(self._service, list(request.usernames), enrolled=enrolled)
         return pb.AskListReply(
             asked=lists.asked, everywhere=lists.everywhere, exempt_networks=lists.networks
         )
