@@ -887,6 +887,9 @@ def test_verify_short_interval(daemon: Daemon, user: LocalUser) -> None:
     uri = renew(daemon, user.name, "--interval", "5")
     assert uri_parts(uri)[1]["period"] == ["5"]
     secret = secret_of(uri)
+    # Start at the beginning of a 5 s step: the checks below hold while the daemon is
+    # at most one step past `now`, which leaves them ten seconds, not anything over five.
+    time.sleep(5.05 - time.time() % 5)
     now = time.time()
     assert ok(daemon, "verify", user.name, oathtool(secret, now + 5, interval=5)) == "true\n"
     older = oathtool(secret, now, interval=5)
@@ -924,15 +927,17 @@ def test_lockout(daemon: Daemon, user: LocalUser) -> None:
 
 
 def test_lockout_ends(daemon: Daemon, user: LocalUser) -> None:
-    set_config(daemon, "lockout_threshold=1", "lockout_seconds=1", "window=1")
+    # Five seconds, not one: the "locked" check below must reach the daemon (an oathtool
+    # run and a CLI start, slow on a loaded machine) while the lock is still in force.
+    set_config(daemon, "lockout_threshold=1", "lockout_seconds=5", "window=1")
     secret = secret_of(renew(daemon, user.name))
     assert verify_json(daemon, user.name, wrong_code(secret))[1]["result"] == "invalid"
     locked_after = time.time()
     right = oathtool(secret)
     code, data = verify_json(daemon, user.name, right)
-    assert (code, data["result"]) == (1, "locked") and 1 <= data["locked_seconds"] <= 2
-    # One second, counted in whole seconds: over two whole seconds after the lock at most.
-    time.sleep(max(0.0, int(locked_after) + 2.05 - time.time()))
+    assert (code, data["result"]) == (1, "locked") and 1 <= data["locked_seconds"] <= 6
+    # Five seconds, counted in whole seconds: over six whole seconds after the lock at most.
+    time.sleep(max(0.0, int(locked_after) + 6.05 - time.time()))
     assert user_json(daemon, user.name)["locked_seconds"] == 0
     assert ok(daemon, "verify", user.name, right) == "true\n"
 

@@ -121,7 +121,12 @@ def test_throttled_password_says_so(
         f"Unauthenticated: login failed: wrong password for {user.name}, or the account is "
         "locked after too many wrong codes",
     )
-    # After a wrong password otpgated checks none of the account's for a while.
+    # After a wrong password otpgated checks none of the account's for a while: 3 s
+    # after the first, 6 s after a second in a row. Two, so that the next login's start
+    # (runuser, Python, gRPC: slow on a loaded machine) surely lands inside the pause.
+    time.sleep(3.2)
+    again = as_user(cli_python, user, daemon, "user", "show", stdin="not-the-password\n")
+    assert again.returncode == 2 and "wrong password" in again.stderr, again
     throttled = as_user(cli_python, user, daemon, "user", "show", stdin=f"{user.password}\n")
     assert throttled.returncode == 2, throttled
     assert re.fullmatch(

@@ -54,8 +54,9 @@ def test_check_then_verify(
     wrong = f"{(int(totp.now()) + 1) % 10**6:06d}"
     denied = pamtester(service, user.name, wrong)
     assert denied.returncode != 0 and "Invalid code." in denied.stdout + denied.stderr
-    assert pamtester(service, user.name, totp.now()).returncode == 0
-    assert pamtester(service, user.name, totp.now()).returncode != 0  # replay
+    code = totp.now()
+    assert pamtester(service, user.name, code).returncode == 0
+    assert pamtester(service, user.name, code).returncode != 0  # replay
 
 
 def test_single_prompt(
