@@ -134,7 +134,28 @@ def test_doctor_json(daemon: Daemon, paths: ssh_setup.Paths) -> None:
     assert text.returncode == 1
     assert text.stdout == "".join(f"{p['area']}: {p['message']}\n" for p in report["problems"])
 
-    assert cli(daemon, *setup_args(paths, "--flow", "publickey")).returncode == 0
+    # Wired to another daemon's socket: the hook would ask nobody, and the gate files
+    # beside that socket are not there.
+    elsewhere = str(Path(daemon.root, "elsewhere", "pam.sock"))
+    wired = cli(daemon, *setup_args(paths, "--flow", "publickey", "--hook-options",
+                                    f"socket={elsewhere}"))  # fmt: skip
+    assert wired.returncode == 0, wired
+    astray = json.loads(cli(daemon, *doctor_args(paths, "--json")).stdout)
+    pam_socket = daemon.socket("pam")
+    assert astray["problems"] == [
+        {"area": "pam", "message": f"the hook asks {elsewhere}, but the otpgated at "
+         f"{daemon.admin_socket} listens at {pam_socket}: logins are decided by another "
+         "daemon, or refused when none answers (otpgate setup ssh --hook-options "
+         f"socket={pam_socket})"},
+        {"area": "gate", "message": f"{os.path.dirname(elsewhere)}/gate is missing (otpgated "
+         "writes it at start: is it running?): logins still need their code, but each runs "
+         "the hook twice"},
+    ]  # fmt: skip
+
+    # Wired to this daemon: its gate files, which it keeps, are what the stack reads.
+    wired = cli(daemon, *setup_args(paths, "--flow", "publickey", "--hook-options",
+                                    f"socket={pam_socket}"))  # fmt: skip
+    assert wired.returncode == 0, wired
     clean = cli(daemon, *doctor_args(paths, "--json"))
     assert (clean.returncode, clean.stderr) == (0, ""), clean
     assert json.loads(clean.stdout) == {"ok": True, "flow": "publickey", "problems": []}

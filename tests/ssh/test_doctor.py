@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from otpgate.ssh import doctor
+from otpgate.ssh import setup as ssh_setup
 
 GOOD_SSHD = {
     "usepam": ["yes"],
@@ -95,6 +100,88 @@ def test_relative_or_writable_hook_reported(tmp_path: Path) -> None:
     assert doctor.root_owned_chain(str(hook)) is None  # /tmp is sticky: allowed
     os.chown(hook, 4242, 4242)
     assert "is not owned by root" in (doctor.root_owned_chain(str(hook)) or "")
+
+
+# -- the gate files ---------------------------------------------------------------------
+
+
+def _gate_stack(tmp_path: Path, flow: str = "password") -> tuple[list[doctor.PamLine], Path]:
+    """The shipped stack wired as `setup ssh --hook-options socket=...` wires it to a
+    daemon whose runtime directory is tmp_path/run; that directory's gate, made as
+    otpgated makes it."""
+    run = tmp_path / "run"
+    gate = run / "gate"
+    gate.mkdir(parents=True, mode=0o700)
+    for name in doctor.GATE_FILES:
+        (gate / name).write_text("")
+        (gate / name).chmod(0o600)
+    name = f"otpgate-ssh-{flow}"
+    (tmp_path / name).write_text(ssh_setup.render_pam(name, HOOK, f"socket={run}/pam.sock"))
+    return _write_stack(tmp_path, f"@include {name}\n"), gate
+
+
+def test_the_gate_files_the_daemon_keeps_are_clean(tmp_path: Path) -> None:
+    stack, gate = _gate_stack(tmp_path)
+    assert doctor.hook_socket(stack) == f"{gate.parent}/pam.sock"
+    assert doctor.gate_paths(stack) == [f"{gate}/ask", f"{gate}/networks.conf"]
+    assert doctor.check_gate(stack, now=time.time()) == []
+    # The stacks without a gate (prompt always, single prompt) have nothing to check.
+    for flow in ("password-always", "single-prompt"):
+        assert doctor.gate_paths(_gate_stack(tmp_path / flow, flow)[0]) == []
+
+
+COST = ": logins still need their code, but each runs the hook twice"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "trouble"),
+    [
+        (lambda g: (g / "ask").unlink(), "{g}/ask is missing"),
+        (lambda g: (g / "ask").chmod(0o644),
+         "{g}/ask is not root's alone (owner uid 0, mode 0644)"),
+        (lambda g: os.chown(g / "networks.conf", 4242, 0),
+         "{g}/networks.conf is not root's alone (owner uid 4242, mode 0600)"),
+        (lambda g: ((g / "ask").unlink(), (g / "ask").symlink_to(g / "networks.conf")),
+         "{g}/ask is not a regular file"),
+        (lambda g: ((g / "ask").unlink(), (g / "ask").mkdir(mode=0o700)),
+         "{g}/ask is not a regular file"),
+        (lambda g: os.utime(g / "ask", (time.time() - 601, time.time() - 601)),
+         "{g}/ask was last written 10 min ago (otpgated rewrites it every 30 s: is the daemon "
+         "the hook asks running?)"),
+        (lambda g: g.chmod(0o755), "{g} is not root's alone (owner uid 0, mode 0755)"),
+        (lambda g: shutil.rmtree(g), "{g} is missing"),
+    ],
+)  # fmt: skip
+def test_gate_files_that_would_not_spare_the_check_are_reported(
+    tmp_path: Path, spoil: Callable[[Path], object], trouble: str
+) -> None:
+    stack, gate = _gate_stack(tmp_path)
+    spoil(gate)
+    problems = doctor.check_gate(stack, now=time.time())
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("gate: " + trouble.format(g=gate)) and problems[0].endswith(COST)
+
+
+def test_gate_files_beside_another_socket_are_reported(tmp_path: Path) -> None:
+    stack, gate = _gate_stack(tmp_path)
+    moved = [
+        dataclasses.replace(
+            line,
+            args=tuple(a.replace(f"{gate.parent}/pam.sock", "/other/pam.sock") for a in line.args),
+        )
+        for line in stack
+    ]
+    assert doctor.hook_socket(moved) == "/other/pam.sock"
+    assert doctor.check_gate(moved, now=time.time()) == [
+        f"gate: the stack reads files in {gate}, but its hook asks /other/pam.sock, whose "
+        f"daemon writes them in /other/gate{COST}"
+    ]
+    # No socket= at all: the hook's default.
+    bare = [
+        dataclasses.replace(line, args=tuple(a for a in line.args if not a.startswith("socket=")))
+        for line in stack
+    ]
+    assert doctor.hook_socket(bare) == "/run/otpgate/pam.sock"
 
 
 # -- the access policy ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -515,7 +516,7 @@ def user_list(client: Client, args: argparse.Namespace) -> UsersListed:
 def doctor(client: Client, args: argparse.Namespace) -> DoctorReport:
     # The daemon first: an ordinary user is refused before sshd -T (which needs root
     # to read the host keys) would report that as an sshd problem.
-    daemon = _doctor_daemon(client, args.socket)
+    daemon, reached = _doctor_daemon(client, args.socket)
     problems: list[str] = []
     config: dict[str, list[str]] | None = None
     try:
@@ -535,6 +536,11 @@ def doctor(client: Client, args: argparse.Namespace) -> DoctorReport:
         problems += ssh_doctor.check_sshd(config, flow)
     if stack:
         problems += ssh_doctor.check_pam(service, stack, ssh_doctor.root_owned_chain)
+    if stack and reached:
+        # Only with a daemon that answered: without one, its own problem says why the
+        # hook gets no answer and the gate files are gone.
+        problems += _hook_socket_problems(stack, args.socket)
+        problems += ssh_doctor.check_gate(stack, now=time.time())
     problems += daemon
     return DoctorReport(flow, [Problem(*_split_problem(p)) for p in problems])
 
@@ -544,7 +550,20 @@ def _split_problem(text: str) -> tuple[str, str]:
     return (area, message) if message else ("", text)
 
 
-def _doctor_daemon(client: Client, admin_socket: str) -> list[str]:
+def _hook_socket_problems(stack: list[ssh_doctor.PamLine], admin_socket: str) -> list[str]:
+    asked = ssh_doctor.hook_socket(stack)
+    pam_socket = os.path.join(os.path.dirname(admin_socket), "pam.sock")
+    if not any(line.hook_mode is not None for line in stack) or asked == pam_socket:
+        return []
+    return [
+        f"pam: the hook asks {asked}, but the otpgated at {admin_socket} listens at "
+        f"{pam_socket}: logins are decided by another daemon, or refused when none answers "
+        f"(otpgate setup ssh --hook-options socket={pam_socket})"
+    ]
+
+
+def _doctor_daemon(client: Client, admin_socket: str) -> tuple[list[str], bool]:
+    """The daemon's problems, and whether it answered."""
     try:
         settings = client.get_config()
         users = client.list_users()
@@ -563,7 +582,7 @@ def _doctor_daemon(client: Client, admin_socket: str) -> list[str]:
     except OSError:
         problems.append(f"daemon: no PAM socket at {pam_socket}: every login would be refused")
     if settings is None:
-        return [*problems, unreachable]
+        return [*problems, unreachable], False
     ssh_on = settings.enabled and settings.services.ssh
     admins, any_enrolled = _admins_enrolled(users, admin_socket)
     if ssh_on and not any_enrolled:
@@ -583,7 +602,7 @@ def _doctor_daemon(client: Client, admin_socket: str) -> list[str]:
         admins=admins,
         directory=ssh_doctor.Directory.from_nss(),
     )
-    return problems
+    return problems, True
 
 
 def _admins_enrolled(users: list[pb.UserEntry], admin_socket: str) -> tuple[list[str], bool]:

@@ -205,6 +205,95 @@ def root_owned_chain(path: str) -> str | None:
         current = parent
 
 
+# The hook's own default (pam_hook: socket=); the daemon writes its gate files beside
+# its sockets, runtime_dir/gate.
+HOOK_DEFAULT_SOCKET = "/run/otpgate/pam.sock"
+GATE_FILES = ("ask", "networks.conf")
+# The daemon rewrites them every 30 s, less often only while one build takes over 3 s
+# (it waits ten builds): ten minutes is stale by any measure.
+GATE_STALE_SECONDS = 600
+_GATE_COST = "logins still need their code, but each runs the hook twice"
+
+
+def hook_socket(stack: list[PamLine]) -> str:
+    """The pam.sock the stack's hook lines ask (the last socket= wins, as in the hook)."""
+    sockets = [
+        option.split("=", 1)[1]
+        for line in stack
+        for option in line.hook_options
+        if option.startswith("socket=")
+    ]
+    return sockets[-1] if sockets else HOOK_DEFAULT_SOCKET
+
+
+def gate_paths(stack: list[PamLine]) -> list[str]:
+    """The gate files (runtime_dir/gate/ask, networks.conf) the stack's pam_listfile
+    and pam_access lines read, in stack order."""
+    keys = {"pam_listfile.so": "file=", "pam_access.so": "accessfile="}
+    found = []
+    for line in stack:
+        key = keys.get(os.path.basename(line.module))
+        for arg in line.args if key else ():
+            path = arg.removeprefix(key or "")
+            if (
+                arg.startswith(key or "")
+                and os.path.basename(path) in GATE_FILES
+                and os.path.basename(os.path.dirname(path)) == "gate"
+            ):
+                found.append(path)
+    return found
+
+
+def check_gate(stack: list[PamLine], *, now: float) -> list[str]:
+    """Why the gate files the stack reads would not spare a listed login the `check`
+    process: missing, not the daemon's, in another directory than the one its daemon
+    writes, or stale. None of it skips a code; it makes logins slower."""
+    paths = gate_paths(stack)
+    if not paths:
+        return []
+    problems = []
+    expected = os.path.join(os.path.dirname(hook_socket(stack)), "gate")
+    for directory in sorted({os.path.dirname(p) for p in paths} - {expected}):
+        problems.append(
+            f"gate: the stack reads files in {directory}, but its hook asks "
+            f"{hook_socket(stack)}, whose daemon writes them in {expected}: {_GATE_COST}"
+        )
+    for directory in sorted({os.path.dirname(p) for p in paths} & {expected}):
+        trouble, _ = _root_only(directory, stat.S_ISDIR, "a directory")
+        if trouble:
+            problems.append(f"gate: {directory} {trouble}: {_GATE_COST}")
+            continue
+        for path in (p for p in paths if os.path.dirname(p) == directory):
+            trouble, info = _root_only(path, stat.S_ISREG, "a regular file")
+            if info is not None and now - info.st_mtime > GATE_STALE_SECONDS:
+                trouble = (
+                    f"was last written {int((now - info.st_mtime) // 60)} min ago (otpgated "
+                    "rewrites it every 30 s: is the daemon the hook asks running?)"
+                )
+            if trouble:
+                problems.append(f"gate: {path} {trouble}: {_GATE_COST}")
+    return problems
+
+
+def _root_only(
+    path: str, kind: Callable[[int], bool], kind_name: str
+) -> tuple[str | None, os.stat_result | None]:
+    """(why `path` is not what otpgated makes, root's alone and of that kind, or None;
+    its lstat when it is)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return "is missing (otpgated writes it at start: is it running?)", None
+    except OSError as exc:
+        return f"cannot be checked ({exc.strerror})", None
+    mode = stat.S_IMODE(info.st_mode)
+    if not kind(info.st_mode):
+        return f"is not {kind_name}", None
+    if info.st_uid != 0 or mode & 0o077:
+        return f"is not root's alone (owner uid {info.st_uid}, mode {mode:04o})", None
+    return None, info
+
+
 def unenrolled_admins(enrolled: Iterable[str], admin_group: str) -> tuple[list[str], bool]:
     """(admins, any enrolled): admins are root and members of the usual admin groups."""
     admins = {"root"}
