@@ -146,10 +146,10 @@ def test_doctor_json(daemon: Daemon, paths: ssh_setup.Paths) -> None:
         {"area": "pam", "message": f"the hook asks {elsewhere}, but the otpgated at "
          f"{daemon.admin_socket} listens at {pam_socket}: logins are decided by another "
          "daemon, or refused when none answers (otpgate setup ssh --hook-options "
-         f"socket={pam_socket})"},
+         f"socket={pam_socket}, with the line's other options)"},
         {"area": "gate", "message": f"{os.path.dirname(elsewhere)}/gate is missing (otpgated "
-         "writes it at start: is it running?): logins still need their code, but each runs "
-         "the hook twice"},
+         "writes it at start: is that daemon running? its log says gate_files_not_written "
+         "when it cannot): logins still need their code, but each runs the hook twice"},
     ]  # fmt: skip
 
     # Wired to this daemon: its gate files, which it keeps, are what the stack reads.

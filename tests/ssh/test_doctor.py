@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +123,7 @@ def _gate_stack(tmp_path: Path, flow: str = "password") -> tuple[list[doctor.Pam
 
 def test_the_gate_files_the_daemon_keeps_are_clean(tmp_path: Path) -> None:
     stack, gate = _gate_stack(tmp_path)
-    assert doctor.hook_socket(stack) == f"{gate.parent}/pam.sock"
+    assert set(doctor.hook_sockets(stack)) == {f"{gate.parent}/pam.sock"}
     assert doctor.gate_paths(stack) == [f"{gate}/ask", f"{gate}/networks.conf"]
     assert doctor.check_gate(stack, now=time.time()) == []
     # The stacks without a gate (prompt always, single prompt) have nothing to check.
@@ -162,6 +163,27 @@ def test_gate_files_that_would_not_spare_the_check_are_reported(
     assert problems[0].startswith("gate: " + trouble.format(g=gate)) and problems[0].endswith(COST)
 
 
+def test_a_gate_only_root_may_look_into_is_said_so_to_another_uid() -> None:
+    # As under /run: the runtime directory is searchable by all, its gate root's alone.
+    top = Path(tempfile.mkdtemp(prefix="otpgate-doctor-"))
+    try:
+        top.chmod(0o755)
+        stack, gate = _gate_stack(top)
+        gate.parent.chmod(0o755)
+        os.seteuid(65534)
+        try:
+            refused = doctor.check_gate(stack, now=time.time())
+        finally:
+            os.seteuid(0)
+    finally:
+        shutil.rmtree(top)
+    # Its cost is unknown to that uid: not claimed.
+    assert refused == [
+        f"gate: {gate}/ask cannot be checked as uid 65534: run otpgate doctor as root",
+        f"gate: {gate}/networks.conf cannot be checked as uid 65534: run otpgate doctor as root",
+    ]
+
+
 def test_gate_files_beside_another_socket_are_reported(tmp_path: Path) -> None:
     stack, gate = _gate_stack(tmp_path)
     moved = [
@@ -171,17 +193,27 @@ def test_gate_files_beside_another_socket_are_reported(tmp_path: Path) -> None:
         )
         for line in stack
     ]
-    assert doctor.hook_socket(moved) == "/other/pam.sock"
+    assert set(doctor.hook_sockets(moved)) == {"/other/pam.sock"}
     assert doctor.check_gate(moved, now=time.time()) == [
         f"gate: the stack reads files in {gate}, but its hook asks /other/pam.sock, whose "
-        f"daemon writes them in /other/gate{COST}"
+        f"daemon writes them in /other/gate (otpgate setup ssh rewrites the gate lines){COST}"
     ]
+    # Other spellings of the same place are the same place.
+    for spelling in (f"{gate.parent}//pam.sock", f"{gate.parent}/./pam.sock"):
+        respelled = [
+            dataclasses.replace(
+                line,
+                args=tuple(a.replace(f"{gate.parent}/pam.sock", spelling) for a in line.args),
+            )
+            for line in stack
+        ]
+        assert doctor.check_gate(respelled, now=time.time()) == []
     # No socket= at all: the hook's default.
     bare = [
         dataclasses.replace(line, args=tuple(a for a in line.args if not a.startswith("socket=")))
         for line in stack
     ]
-    assert doctor.hook_socket(bare) == "/run/otpgate/pam.sock"
+    assert set(doctor.hook_sockets(bare)) == {"/run/otpgate/pam.sock"}
 
 
 # -- the access policy ------------------------------------------------------------------

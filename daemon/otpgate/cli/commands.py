@@ -551,14 +551,16 @@ def _split_problem(text: str) -> tuple[str, str]:
 
 
 def _hook_socket_problems(stack: list[ssh_doctor.PamLine], admin_socket: str) -> list[str]:
-    asked = ssh_doctor.hook_socket(stack)
-    pam_socket = os.path.join(os.path.dirname(admin_socket), "pam.sock")
-    if not any(line.hook_mode is not None for line in stack) or asked == pam_socket:
-        return []
+    pam_socket = os.path.join(os.path.dirname(os.path.abspath(admin_socket)), "pam.sock")
+    astray = dict.fromkeys(
+        s for s in ssh_doctor.hook_sockets(stack) if not ssh_doctor.same_path(s, pam_socket)
+    )
     return [
         f"pam: the hook asks {asked}, but the otpgated at {admin_socket} listens at "
         f"{pam_socket}: logins are decided by another daemon, or refused when none answers "
-        f"(otpgate setup ssh --hook-options socket={pam_socket})"
+        f"(otpgate setup ssh --hook-options socket={pam_socket}, with the line's other "
+        "options)"
+        for asked in astray
     ]
 
 

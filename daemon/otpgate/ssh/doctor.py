@@ -209,21 +209,31 @@ def root_owned_chain(path: str) -> str | None:
 # its sockets, runtime_dir/gate.
 HOOK_DEFAULT_SOCKET = "/run/otpgate/pam.sock"
 GATE_FILES = ("ask", "networks.conf")
-# The daemon rewrites them every 30 s, less often only while one build takes over 3 s
-# (it waits ten builds): ten minutes is stale by any measure.
+# The daemon rewrites them every 30 s, less often only while one build takes over 2 s
+# (it then waits about 15 builds): ten minutes is stale by any measure.
 GATE_STALE_SECONDS = 600
 _GATE_COST = "logins still need their code, but each runs the hook twice"
+_GATE_WRITER = (
+    "otpgated writes it at start: is that daemon running? "
+    "its log says gate_files_not_written when it cannot"
+)
 
 
-def hook_socket(stack: list[PamLine]) -> str:
-    """The pam.sock the stack's hook lines ask (the last socket= wins, as in the hook)."""
-    sockets = [
-        option.split("=", 1)[1]
-        for line in stack
-        for option in line.hook_options
-        if option.startswith("socket=")
-    ]
-    return sockets[-1] if sockets else HOOK_DEFAULT_SOCKET
+def same_path(a: str, b: str) -> bool:
+    """Whether two spellings name the same place (//, /./, /var/run -> /run)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def hook_sockets(stack: list[PamLine]) -> list[str]:
+    """The pam.sock each hook line asks (its socket=, else the hook's default), in
+    stack order: each pam_exec line is a process of its own."""
+    sockets = []
+    for line in stack:
+        if line.hook_mode is None:
+            continue
+        given = [o.split("=", 1)[1] for o in line.hook_options if o.startswith("socket=")]
+        sockets.append(given[-1] if given else HOOK_DEFAULT_SOCKET)
+    return sockets
 
 
 def gate_paths(stack: list[PamLine]) -> list[str]:
@@ -249,29 +259,33 @@ def check_gate(stack: list[PamLine], *, now: float) -> list[str]:
     process: missing, not the daemon's, in another directory than the one its daemon
     writes, or stale. None of it skips a code; it makes logins slower."""
     paths = gate_paths(stack)
-    if not paths:
+    sockets = hook_sockets(stack)
+    if not paths or not sockets:
         return []
     problems = []
-    expected = os.path.join(os.path.dirname(hook_socket(stack)), "gate")
-    for directory in sorted({os.path.dirname(p) for p in paths} - {expected}):
-        problems.append(
-            f"gate: the stack reads files in {directory}, but its hook asks "
-            f"{hook_socket(stack)}, whose daemon writes them in {expected}: {_GATE_COST}"
-        )
-    for directory in sorted({os.path.dirname(p) for p in paths} & {expected}):
+    written = [os.path.join(os.path.dirname(s), "gate") for s in sockets]
+    directories = list(dict.fromkeys(os.path.dirname(p) for p in paths))
+    for directory in directories:
+        if not any(same_path(directory, w) for w in written):
+            problems.append(
+                f"gate: the stack reads files in {directory}, but its hook asks "
+                f"{sockets[0]}, whose daemon writes them in {written[0]} (otpgate setup ssh "
+                f"rewrites the gate lines): {_GATE_COST}"
+            )
+            continue
         trouble, _ = _root_only(directory, stat.S_ISDIR, "a directory")
         if trouble:
-            problems.append(f"gate: {directory} {trouble}: {_GATE_COST}")
+            problems.append(f"gate: {directory} {trouble}")
             continue
         for path in (p for p in paths if os.path.dirname(p) == directory):
             trouble, info = _root_only(path, stat.S_ISREG, "a regular file")
             if info is not None and now - info.st_mtime > GATE_STALE_SECONDS:
                 trouble = (
                     f"was last written {int((now - info.st_mtime) // 60)} min ago (otpgated "
-                    "rewrites it every 30 s: is the daemon the hook asks running?)"
+                    "rewrites it every 30 s: is the daemon the hook asks running?): " + _GATE_COST
                 )
             if trouble:
-                problems.append(f"gate: {path} {trouble}: {_GATE_COST}")
+                problems.append(f"gate: {path} {trouble}")
     return problems
 
 
@@ -283,14 +297,20 @@ def _root_only(
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return "is missing (otpgated writes it at start: is it running?)", None
+        return f"is missing ({_GATE_WRITER}): {_GATE_COST}", None
+    except PermissionError:
+        # Only root may look into the gate directory; its cost is unknown, not shown.
+        return f"cannot be checked as uid {os.geteuid()}: run otpgate doctor as root", None
     except OSError as exc:
         return f"cannot be checked ({exc.strerror})", None
     mode = stat.S_IMODE(info.st_mode)
     if not kind(info.st_mode):
-        return f"is not {kind_name}", None
+        return f"is not {kind_name}: {_GATE_COST}", None
     if info.st_uid != 0 or mode & 0o077:
-        return f"is not root's alone (owner uid {info.st_uid}, mode {mode:04o})", None
+        return (
+            f"is not root's alone (owner uid {info.st_uid}, mode {mode:04o}): {_GATE_COST}",
+            None,
+        )
     return None, info
 
 
