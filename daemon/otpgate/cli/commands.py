@@ -539,7 +539,7 @@ def doctor(client: Client, args: argparse.Namespace) -> DoctorReport:
     if stack and reached:
         # Only with a daemon that answered: without one, its own problem says why the
         # hook gets no answer and the gate files are gone.
-        problems += _hook_socket_problems(stack, args.socket)
+        problems += ssh_doctor.check_hook_sockets(stack, _pam_socket(args.socket), args.socket)
         problems += ssh_doctor.check_gate(stack, now=time.time())
     problems += daemon
     return DoctorReport(flow, [Problem(*_split_problem(p)) for p in problems])
@@ -550,18 +550,9 @@ def _split_problem(text: str) -> tuple[str, str]:
     return (area, message) if message else ("", text)
 
 
-def _hook_socket_problems(stack: list[ssh_doctor.PamLine], admin_socket: str) -> list[str]:
-    pam_socket = os.path.join(os.path.dirname(os.path.abspath(admin_socket)), "pam.sock")
-    astray = dict.fromkeys(
-        s for s in ssh_doctor.hook_sockets(stack) if not ssh_doctor.same_path(s, pam_socket)
-    )
-    return [
-        f"pam: the hook asks {asked}, but the otpgated at {admin_socket} listens at "
-        f"{pam_socket}: logins are decided by another daemon, or refused when none answers "
-        f"(otpgate setup ssh --hook-options socket={pam_socket}, with the line's other "
-        "options)"
-        for asked in astray
-    ]
+def _pam_socket(admin_socket: str) -> str:
+    # The daemon's sockets share its runtime directory.
+    return os.path.join(os.path.dirname(os.path.abspath(admin_socket)), "pam.sock")
 
 
 def _doctor_daemon(client: Client, admin_socket: str) -> tuple[list[str], bool]:
@@ -575,7 +566,7 @@ def _doctor_daemon(client: Client, admin_socket: str) -> tuple[list[str], bool]:
         settings, users, unreachable = None, [], f"daemon: not reachable: {exc}"
     else:
         unreachable = ""
-    pam_socket = os.path.join(os.path.dirname(admin_socket), "pam.sock")
+    pam_socket = _pam_socket(admin_socket)
     problems = []
     try:
         info = os.stat(pam_socket)

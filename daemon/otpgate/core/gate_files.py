@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Collection
 
 from otpgate.core import policy
+from otpgate.core.paths import ASK_FILE, NETWORKS_FILE
 from otpgate.core.policy import IPNetwork
 from otpgate.core.records import Account
 from otpgate.core.service import TwoFactorService
@@ -50,8 +51,6 @@ __all__ = [
     "render_networks",
 ]
 
-ASK_FILE = "ask"
-NETWORKS_FILE = "networks.conf"
 # The PAM service a gate line serves: the stacks are SSH's ("sshd", "sshd-...").
 _SSH_SERVICE = "sshd"
 # The names networks.conf may hold: pam_access reads nothing else into them.

@@ -28,6 +28,11 @@ from typing import Literal
 from otpgate.errors import ConfigError
 
 ROOT_UID = 0
+# The gate files otpgated keeps for the PAM stacks, in runtime_dir/gate beside its
+# sockets (core.gate_files makes them; ssh.setup and ssh.doctor name them).
+GATE_DIR_NAME = "gate"
+ASK_FILE = "ask"
+NETWORKS_FILE = "networks.conf"
 
 
 def _owners(owner_uids: Collection[int] | None) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from otpgate.core.accounts import CachedAccountLookup, CachedGroupNames, lookup_
 from otpgate.core.gate_files import GateLists, gate_lists
 from otpgate.core.login import Logins
 from otpgate.core.passwords import PamPasswordChecker
-from otpgate.core.paths import prepare_dir
+from otpgate.core.paths import GATE_DIR_NAME, prepare_dir
 from otpgate.core.ports import SelfService, Store
 from otpgate.core.service import TwoFactorService
 from otpgate.errors import OtpgateError
@@ -196,7 +196,7 @@ EDGE_GATE_SPACING = 2.0
 
 def _gate_dir(config: daemon_config.DaemonConfig) -> str:
     # Root's alone: who is enrolled is nobody else's business (core.gate_files).
-    path = os.path.join(config.runtime_dir, "gate")
+    path = os.path.join(config.runtime_dir, GATE_DIR_NAME)
     _prepare_dir(path, 0o700)
     return path
 

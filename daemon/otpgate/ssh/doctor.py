@@ -17,6 +17,8 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterable
 
+from otpgate.core.paths import ASK_FILE, GATE_DIR_NAME, NETWORKS_FILE
+
 HOOK_NAME = "otpgate-pam-hook"
 _INCLUDE_DEPTH = 8
 _ADMIN_GROUPS = ("sudo", "wheel", "admin")
@@ -208,7 +210,7 @@ def root_owned_chain(path: str) -> str | None:
 # The hook's own default (pam_hook: socket=); the daemon writes its gate files beside
 # its sockets, runtime_dir/gate.
 HOOK_DEFAULT_SOCKET = "/run/otpgate/pam.sock"
-GATE_FILES = ("ask", "networks.conf")
+GATE_FILES = (ASK_FILE, NETWORKS_FILE)
 # The daemon rewrites them every 30 s, less often only while one build takes over 2 s
 # (it then waits about 15 builds): ten minutes is stale by any measure.
 GATE_STALE_SECONDS = 600
@@ -236,6 +238,19 @@ def hook_sockets(stack: list[PamLine]) -> list[str]:
     return sockets
 
 
+def check_hook_sockets(stack: list[PamLine], pam_socket: str, admin_socket: str) -> list[str]:
+    """Each pam.sock a hook line asks that is not `pam_socket`, the one beside the
+    admin.sock doctor reached."""
+    astray = dict.fromkeys(s for s in hook_sockets(stack) if not same_path(s, pam_socket))
+    return [
+        f"pam: the hook asks {asked}, but the otpgated at {admin_socket} listens at "
+        f"{pam_socket}: logins are decided by another daemon, or refused when none answers "
+        f"(otpgate setup ssh --hook-options socket={pam_socket}, with the line's other "
+        "options)"
+        for asked in astray
+    ]
+
+
 def gate_paths(stack: list[PamLine]) -> list[str]:
     """The gate files (runtime_dir/gate/ask, networks.conf) the stack's pam_listfile
     and pam_access lines read, in stack order."""
@@ -243,12 +258,14 @@ def gate_paths(stack: list[PamLine]) -> list[str]:
     found = []
     for line in stack:
         key = keys.get(os.path.basename(line.module))
-        for arg in line.args if key else ():
-            path = arg.removeprefix(key or "")
+        if key is None:
+            continue
+        for arg in line.args:
+            path = arg[len(key) :]
             if (
-                arg.startswith(key or "")
+                arg.startswith(key)
                 and os.path.basename(path) in GATE_FILES
-                and os.path.basename(os.path.dirname(path)) == "gate"
+                and os.path.basename(os.path.dirname(path)) == GATE_DIR_NAME
             ):
                 found.append(path)
     return found
@@ -263,7 +280,7 @@ def check_gate(stack: list[PamLine], *, now: float) -> list[str]:
     if not paths or not sockets:
         return []
     problems = []
-    written = [os.path.join(os.path.dirname(s), "gate") for s in sockets]
+    written = [os.path.join(os.path.dirname(s), GATE_DIR_NAME) for s in sockets]
     directories = list(dict.fromkeys(os.path.dirname(p) for p in paths))
     for directory in directories:
         if not any(same_path(directory, w) for w in written):

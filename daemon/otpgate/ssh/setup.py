@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from importlib import resources
 
-from otpgate.core.paths import write_atomic
+from otpgate.core.paths import GATE_DIR_NAME, write_atomic
 from otpgate.errors import FailedPrecondition, InvalidArgument, OtpgateError
 from otpgate.ssh import doctor
 
@@ -91,7 +91,9 @@ def render_pam(name: str, hook: str, hook_options: str = "") -> str:
     # The daemon keeps its gate files beside its sockets (runtime_dir/gate).
     sockets = [o.split("=", 1)[1] for o in hook_options.split() if o.startswith("socket=")]
     if sockets:
-        text = text.replace(_TEMPLATE_GATE_DIR, os.path.join(os.path.dirname(sockets[-1]), "gate"))
+        text = text.replace(
+            _TEMPLATE_GATE_DIR, os.path.join(os.path.dirname(sockets[-1]), GATE_DIR_NAME)
+        )
     return text
 
 
